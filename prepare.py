@@ -1,0 +1,464 @@
+"""
+One-time data preparation, and the runtime utilities that train.py imports.
+
+    uv run prepare.py                      # default dataset: 10 training shards + validation
+    uv run prepare.py --num-shards 50      # more training data (-1 = all 6,542 shards)
+    uv run prepare.py --source DIR         # local parquet files with a `text` column, no download
+
+It downloads the data, trains the BPE tokenizer, and provides the tokenizer
+wrapper, the BOS-aligned dataloader and the fixed metric `val_bpb`.
+This file is the frozen harness: the agent never edits it.
+"""
+
+import argparse
+import base64
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import tiktoken
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------
+# Constants (fixed, do not modify)
+# ---------------------------------------------------------------------------
+
+MAX_SEQ_LEN = 2048              # context length, also the fixed eval sequence length
+TIME_BUDGET = 300               # seconds of training (excluding startup and compile warm-up)
+EVAL_TOKENS = 40 * 524288       # tokens scored by the validation metric
+VOCAB_SIZE = 8192               # tokenizer size, special tokens included
+
+# GPT-4's pre-tokenizer with \p{N}{1,2} instead of \p{N}{1,3}
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
+BOS_TOKEN = SPECIAL_TOKENS[0]
+
+TOKENIZER_MAX_DOC_CHARS = 10_000         # each document is capped at this many characters
+TOKENIZER_MAX_CHARS = 1_000_000_000      # characters of training text in all
+TOKENIZER_BATCH = 128                    # documents tokenized together by the dataloader
+LOADER_BUFFER = 1000                     # tokenized documents kept for best-fit packing
+
+DATASET_REPO = "karpathy/climbmix-400b-shuffle"
+MAX_SHARD = 6542                                  # shards are shard_00000 ... shard_06542
+VAL_FILENAME = f"shard_{MAX_SHARD:05d}.parquet"   # the last shard is pinned for validation
+
+CACHE_DIR = Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
+DATA_DIR = CACHE_DIR / "data"
+TOKENIZER_DIR = CACHE_DIR / "tokenizer"
+
+
+class HarnessError(SystemExit):
+    """A failure the user can fix: exits with code 1 and one line saying what to do."""
+
+    def __init__(self, message):
+        super().__init__(f"prepare.py: {message}")
+
+
+def shard_name(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def _atomic_write(path, write):
+    """write(tmp_path), then rename: a crash never leaves a half-written file at `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_shard(path):
+    """Raise HarnessError unless `path` is a readable parquet file with a non-empty `text` column."""
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise HarnessError(f"{path} is not a readable parquet file ({type(e).__name__}: {e})") from None
+    field = pf.schema_arrow.field("text") if "text" in pf.schema_arrow.names else None
+    if field is None or not (str(field.type) in ("string", "large_string")):
+        raise HarnessError(f"{path} has no string column named 'text' (columns: {pf.schema_arrow.names})")
+    if pf.metadata.num_rows == 0:
+        raise HarnessError(f"{path} has no rows")
+    return pf.metadata.num_rows
+
+
+def list_shards(split, data_dir=None):
+    """Parquet shards of a split: 'train' is every shard but the pinned validation one."""
+    data_dir = Path(data_dir or DATA_DIR)
+    names = sorted(p.name for p in data_dir.glob("shard_*.parquet")) if data_dir.is_dir() else []
+    if split == "val":
+        names = [n for n in names if n == VAL_FILENAME]
+    elif split == "train":
+        names = [n for n in names if n != VAL_FILENAME]
+    else:
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    if not names:
+        what = "validation shard" if split == "val" else "training shards"
+        raise HarnessError(f"no {what} in {data_dir}: run `uv run prepare.py` (or `uv run prepare.py --source DIR`)")
+    return [data_dir / n for n in names]
+
+# ---------------------------------------------------------------------------
+# Data: download from the Hugging Face hub, or copy from a local directory
+# ---------------------------------------------------------------------------
+
+
+def _network_hint():
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return (f"cannot download {DATASET_REPO} from {endpoint}: check the network, set HF_ENDPOINT to a "
+            f"reachable mirror (and HF_TOKEN if it needs one), or use local parquet files with "
+            f"`uv run prepare.py --source DIR`")
+
+
+def _download_shard(name, data_dir):
+    """Fetch one shard with the hub client (resumable); it renames the file into place when complete."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    path = data_dir / name
+    for attempt in range(2):
+        try:
+            hf_hub_download(DATASET_REPO, name, repo_type="dataset", local_dir=data_dir)
+        except EntryNotFoundError:
+            raise HarnessError(f"{DATASET_REPO} has no file {name} (is --num-shards too large?)") from None
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as e:
+            raise HarnessError(f"{_network_hint()} ({type(e).__name__} on {name})") from None
+        except Exception as e:
+            if "connect" in type(e).__name__.lower() or "timeout" in type(e).__name__.lower():
+                raise HarnessError(f"{_network_hint()} ({type(e).__name__} on {name})") from None
+            raise
+        try:
+            check_shard(path)
+            return path
+        except HarnessError:
+            path.unlink(missing_ok=True)   # a corrupt file: fetch it once more from scratch
+    raise HarnessError(f"downloaded {name} twice and it is still not a valid parquet file; try again later")
+
+
+def download_data(num_shards, workers, data_dir=None):
+    """Download the validation shard and the first `num_shards` training shards. Returns (fetched, present)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from huggingface_hub.utils import disable_progress_bars
+    from tqdm import tqdm
+    data_dir = Path(data_dir or DATA_DIR)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    n_train = MAX_SHARD if num_shards < 0 else min(num_shards, MAX_SHARD)
+    wanted = [VAL_FILENAME] + [shard_name(i) for i in range(n_train)]
+    missing = []
+    for name in wanted:
+        path = data_dir / name
+        if path.exists():
+            try:
+                check_shard(path)
+                continue
+            except HarnessError:
+                path.unlink()   # corrupt leftover: download it again
+        missing.append(name)
+    if not missing:
+        return 0, len(wanted)
+    disable_progress_bars()
+    with tqdm(total=len(missing), desc="downloading shards", unit="shard") as bar:
+        _download_shard(missing[0], data_dir)   # one first, so that a dead network fails fast, once
+        bar.update()
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for _ in pool.map(lambda n: _download_shard(n, data_dir), missing[1:]):
+                bar.update()
+    return len(missing), len(wanted) - len(missing)
+
+
+def copy_source(source, data_dir=None):
+    """Mirror a directory of parquet files into the cache under canonical shard names."""
+    source, data_dir = Path(source), Path(data_dir or DATA_DIR)
+    if not source.is_dir():
+        raise HarnessError(f"--source {source} is not a directory")
+    files = sorted(source.glob("*.parquet"))
+    if len(files) < 2:
+        raise HarnessError(f"--source {source} needs at least 2 parquet files (training + validation), found {len(files)}")
+    val = next((f for f in files if f.name == VAL_FILENAME), files[-1])
+    train = [f for f in files if f != val]
+    plan = {VAL_FILENAME: val, **{shard_name(i): f for i, f in enumerate(train)}}
+    for src in plan.values():
+        check_shard(src)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for stale in data_dir.glob("shard_*.parquet"):
+        if stale.name not in plan:
+            stale.unlink()
+    copied = 0
+    for name, src in plan.items():
+        dst = data_dir / name
+        if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
+            continue
+        _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+        copied += 1
+    return len(train), val.name, copied
+
+# ---------------------------------------------------------------------------
+# Tokenizer: BPE trained with rustbpe, run with tiktoken
+# ---------------------------------------------------------------------------
+
+
+def _tokenizer_training_text(paths):
+    """Training documents in a fixed order, each capped, at most TOKENIZER_MAX_CHARS in all."""
+    nchars = 0
+    for path in paths:
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+                doc = (text or "")[:TOKENIZER_MAX_DOC_CHARS]
+                if nchars + len(doc) > TOKENIZER_MAX_CHARS:
+                    return
+                nchars += len(doc)
+                yield doc
+
+
+def _data_fingerprint(paths):
+    return [[p.name, p.stat().st_size] for p in paths]
+
+
+def train_tokenizer(data_dir=None, tokenizer_dir=None):
+    """Train the BPE on the training shards; save the merges and token byte lengths. Returns seconds taken, or None if up to date."""
+    import rustbpe
+    data_dir, tokenizer_dir = Path(data_dir or DATA_DIR), Path(tokenizer_dir or TOKENIZER_DIR)
+    paths = list_shards("train", data_dir)
+    fingerprint = _data_fingerprint(paths)
+    meta_path = tokenizer_dir / "tokenizer.json"
+    if meta_path.exists() and (tokenizer_dir / "token_bytes.pt").exists():
+        try:
+            if json.loads(meta_path.read_text()).get("data") == fingerprint:
+                return None
+        except ValueError:
+            pass   # unreadable: train again
+    t0 = time.time()
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(_tokenizer_training_text(paths), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    ranks = sorted(bpe.get_mergeable_ranks(), key=lambda kv: kv[1])
+    n_ranks = len(ranks)
+    if n_ranks != VOCAB_SIZE - len(SPECIAL_TOKENS) or [r for _, r in ranks] != list(range(n_ranks)):
+        raise HarnessError(f"the training text yields only {n_ranks} of {VOCAB_SIZE - len(SPECIAL_TOKENS)} "
+                           f"BPE tokens: give prepare.py more training data")
+    meta = {
+        "pattern": bpe.get_pattern(),
+        "special_tokens": {name: n_ranks + i for i, name in enumerate(SPECIAL_TOKENS)},
+        "mergeable_ranks": [base64.b64encode(bytes(b)).decode("ascii") for b, _ in ranks],   # index = rank
+        "data": fingerprint,
+    }
+    tokenizer = Tokenizer(_encoding_from_meta(meta))
+    text = "Hello world! Numbers 0, 12, 345 and 6789; punctuation?! (yes) -- tabs\tand\nnewlines. 你好，世界。 Ünïcödé ✓"
+    if tokenizer.decode(tokenizer.encode(text)) != text:
+        raise HarnessError("the trained tokenizer does not round-trip text: this is a bug, please report it")
+    token_bytes = torch.zeros(VOCAB_SIZE, dtype=torch.int32)   # special tokens stay 0: they carry no bytes
+    token_bytes[:n_ranks] = torch.tensor([len(bytes(b)) for b, _ in ranks], dtype=torch.int32)
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(tokenizer_dir / "token_bytes.pt", lambda tmp: torch.save(token_bytes, tmp))
+    _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))   # written last: marks completion
+    return time.time() - t0
+
+
+def _encoding_from_meta(meta):
+    ranks = {base64.b64decode(s): rank for rank, s in enumerate(meta["mergeable_ranks"])}
+    return tiktoken.Encoding("rustbpe", pat_str=meta["pattern"], mergeable_ranks=ranks,
+                             special_tokens=meta["special_tokens"])
+
+
+class Tokenizer:
+    """The tiktoken encoding with the BOS convention the dataloader and train.py use."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir=None):
+        tokenizer_dir = Path(tokenizer_dir or TOKENIZER_DIR)
+        try:
+            meta = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+        except (OSError, ValueError):
+            raise HarnessError(f"no tokenizer in {tokenizer_dir}: run `uv run prepare.py`") from None
+        return cls(_encoding_from_meta(meta))
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        """Encode a string, or a list of strings in parallel; `prepend` is a token id or special token."""
+        if isinstance(prepend, str):
+            prepend = self.enc.encode_single_token(prepend)
+        if isinstance(text, str):
+            ids = self.enc.encode_ordinary(text)
+            return ids if prepend is None else [prepend] + ids
+        batch = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
+        return batch if prepend is None else [[prepend] + ids for ids in batch]
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+def get_token_bytes(device="cpu", tokenizer_dir=None):
+    """UTF-8 byte length of every token id (0 for special tokens), as an int32 tensor."""
+    path = Path(tokenizer_dir or TOKENIZER_DIR) / "token_bytes.pt"
+    try:
+        return torch.load(path, weights_only=True).to(device)
+    except (OSError, RuntimeError):
+        raise HarnessError(f"no token byte lengths at {path}: run `uv run prepare.py`") from None
+
+# ---------------------------------------------------------------------------
+# Dataloader: BOS-aligned best-fit packing
+# ---------------------------------------------------------------------------
+
+
+def _document_batches(split, batch_size=TOKENIZER_BATCH):
+    """Text documents of a split in a fixed order, `batch_size` at a time, forever; yields (texts, epoch)."""
+    paths = list_shards(split)
+    epoch = 1
+    while True:
+        for path in paths:
+            try:
+                pf = pq.ParquetFile(path)
+                for rg in range(pf.num_row_groups):
+                    texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+                    for i in range(0, len(texts), batch_size):
+                        yield [t or "" for t in texts[i:i + batch_size]], epoch
+            except (OSError, ValueError) as e:   # pyarrow raises ArrowInvalid (a ValueError) on corrupt data
+                raise HarnessError(f"cannot read {path} ({e}): delete it and run `uv run prepare.py` again") from None
+        epoch += 1
+
+
+def _packed_rows(tokenizer, T, split, buffer_size=LOADER_BUFFER):
+    """Rows of T + 1 tokens, each starting with BOS, filled best-fit from a buffer of documents; yields (row, epoch)."""
+    bos = tokenizer.get_bos_token_id()
+    batches = _document_batches(split)
+    buffer, epoch = [], 1
+    while True:
+        row, space = [], T + 1
+        while space > 0:
+            while len(buffer) < buffer_size:
+                texts, epoch = next(batches)
+                buffer.extend(tokenizer.encode(texts, prepend=bos))
+            # the largest document that fits; if none fits, crop the shortest to fill the row
+            best = max((i for i in range(len(buffer)) if len(buffer[i]) <= space),
+                       key=lambda i: len(buffer[i]), default=None)
+            if best is None:
+                best = min(range(len(buffer)), key=lambda i: len(buffer[i]))
+            doc = buffer.pop(best)[:space]
+            row.extend(doc)
+            space -= len(doc)
+        yield row, epoch
+
+
+def make_dataloader(tokenizer, B, T, split, device=None):
+    """Yield (inputs, targets, epoch) forever: B packed rows, int64 on `device` (CUDA when available by default)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_cuda = device.type == "cuda"
+    host = torch.empty(B, T + 1, dtype=torch.long, pin_memory=use_cuda)
+    copied = torch.cuda.Event() if use_cuda else None
+    rows = _packed_rows(tokenizer, T, split)
+    while True:
+        batch = [next(rows) for _ in range(B)]
+        if use_cuda:
+            copied.synchronize()   # the previous asynchronous copy has finished reading `host`
+        host.copy_(torch.tensor([r for r, _ in batch], dtype=torch.long))
+        if use_cuda:
+            gpu = host.to(device, non_blocking=True)
+            copied.record()
+        else:
+            gpu = host.clone()
+        yield gpu[:, :-1], gpu[:, 1:], batch[-1][1]
+
+# ---------------------------------------------------------------------------
+# Evaluation (DO NOT CHANGE — this is the fixed metric)
+# ---------------------------------------------------------------------------
+
+
+def _check_causal(model, x, logits, vocab_size):
+    """Change the future of two rows at once; no logit before a row's own change may move (nor leak across rows)."""
+    B, T = x.shape
+    cuts = [T // 2, T // 4][:B]
+    probe = x.clone()
+    gen = torch.Generator().manual_seed(0)
+    for row, cut in enumerate(cuts):
+        shift = torch.randint(1, vocab_size, (T - cut,), generator=gen).to(x.device)
+        probe[row, cut:] = (x[row, cut:] + shift) % vocab_size   # every token from `cut` on differs
+    probe_logits = model(probe)[:len(cuts)].float()
+    for row, cut in enumerate(cuts):
+        before, after = logits[row, :cut].float(), probe_logits[row, :cut]
+        tolerance = 2 ** -7 * max(1.0, before.abs().max().item())   # bf16 rounding noise
+        moved = (before - after).abs().max().item()
+        if not moved <= tolerance:
+            raise HarnessError(
+                f"the model sees the future: changing tokens from position {cut} of row {row} moved earlier "
+                f"logits by {moved:.4g} (tolerance {tolerance:.2g}); attention must be causal and rows "
+                f"independent, so no val_bpb is reported")
+
+
+@torch.no_grad()
+def evaluate_bpb(model, tokenizer, batch_size):
+    """
+    Bits per byte on the validation shard: the same EVAL_TOKENS // MAX_SEQ_LEN rows for any batch size.
+    The model gets inputs only and returns logits (B, T, V); the loss is computed here.
+    """
+    T, n_rows = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    vocab_size = tokenizer.get_vocab_size()
+    token_bytes = get_token_bytes(device)
+    rows = _packed_rows(tokenizer, T, "val")
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    done = 0
+    while done < n_rows:
+        b = min(batch_size, n_rows - done)
+        batch = torch.tensor([next(rows)[0] for _ in range(b)], dtype=torch.long).to(device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = model(x)
+        if not (torch.is_tensor(logits) and logits.dim() == 3 and logits.shape[:2] == (b, T)
+                and logits.shape[2] >= vocab_size):
+            shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+            raise HarnessError(f"model(x) must return logits of shape (B, T, >= {vocab_size}), got {shape}")
+        if done == 0:
+            _check_causal(model, x, logits, vocab_size)
+        for i in range(0, b, 8):   # in chunks, so that float32 log-probs never need a second full copy
+            nats = F.cross_entropy(logits[i:i + 8].float().flatten(0, 1), y[i:i + 8].flatten(), reduction="none")
+            nbytes = token_bytes[y[i:i + 8].flatten()]
+            total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
+            total_bytes += nbytes.sum(dtype=torch.int64)
+        done += b
+    return total_nats.item() / (math.log(2) * total_bytes.item())
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Download the data and train the tokenizer (run once).")
+    parser.add_argument("--num-shards", type=int, default=10, help="training shards to download, -1 = all (default 10)")
+    parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads (default 8)")
+    parser.add_argument("--source", metavar="DIR", help="use local parquet files with a `text` column instead of downloading")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    print(f"cache: {CACHE_DIR}")
+    if args.source:
+        n_train, val_name, copied = copy_source(args.source)
+        print(f"data: {n_train} training shards + validation ({val_name}) from {args.source}, "
+              f"{copied} copied into {DATA_DIR}")
+    else:
+        fetched, present = download_data(args.num_shards, args.download_workers)
+        print(f"data: {fetched} shards downloaded, {present} already present, in {DATA_DIR}")
+    seconds = train_tokenizer()
+    if seconds is None:
+        print(f"tokenizer: up to date in {TOKENIZER_DIR}")
+    else:
+        print(f"tokenizer: trained {VOCAB_SIZE} tokens in {seconds:.1f}s, saved to {TOKENIZER_DIR}")
+    print(f"done in {time.time() - t0:.1f}s: now run `uv run train.py`")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny synthetic corpus and a cache built from it by the real prepare.py."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def make_documents(n_docs, seed):
+    """Word salad over a fixed syllable inventory, with digits, punctuation, code-ish lines and some CJK."""
+    rng = random.Random(seed)
+    syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in ("a", "e", "i", "o", "u", "ou", "ee", "ai")]
+    extras = ["你好", "世界", "東京", "数据", "über", "naïve", "café", "Ωmega"]
+    docs = []
+    for _ in range(n_docs):
+        words = []
+        for _ in range(max(3, int(rng.lognormvariate(4.5, 0.9)))):
+            r = rng.random()
+            if r < 0.06:
+                words.append(str(rng.randint(0, 99999)))
+            elif r < 0.08:
+                words.append(rng.choice(extras))
+            else:
+                w = "".join(rng.choice(syllables) for _ in range(rng.randint(1, 4)))
+                words.append(w.capitalize() if rng.random() < 0.1 else w)
+            if rng.random() < 0.08:
+                words[-1] += rng.choice([".", ",", "!", "?", ";", ":", "\n", "()", " = 1"])
+        docs.append(" ".join(words))
+    return docs
+
+
+def write_shard(path, docs, row_group_size=64):
+    pq.write_table(pa.table({"text": docs}), path, row_group_size=row_group_size)
+
+
+def make_corpus(directory, n_train_shards=3, docs_per_shard=400, seed=0):
+    """Training shards shard_00000 ... and the pinned validation shard shard_06542."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n_train_shards):
+        write_shard(directory / f"shard_{i:05d}.parquet", make_documents(docs_per_shard, seed + i))
+    write_shard(directory / "shard_06542.parquet", make_documents(docs_per_shard // 2, seed + 1000))
+    return directory
+
+
+def run_prepare(cache, *args, env=None, timeout=300):
+    full_env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *args], env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """A cache directory (data/ + tokenizer/) built by `prepare.py --source` from the tiny corpus."""
+    base = tmp_path_factory.mktemp("harness")
+    corpus = make_corpus(base / "corpus")
+    cache = base / "cache"
+    result = run_prepare(cache, "--source", str(corpus))
+    assert result.returncode == 0, result.stderr
+    return cache
+
+
+@pytest.fixture
+def harness(tiny_cache, monkeypatch):
+    """prepare.py pointed at the tiny cache, with the sequence length and eval size shrunk in-process."""
+    import prepare
+    monkeypatch.setattr(prepare, "CACHE_DIR", tiny_cache)
+    monkeypatch.setattr(prepare, "DATA_DIR", tiny_cache / "data")
+    monkeypatch.setattr(prepare, "TOKENIZER_DIR", tiny_cache / "tokenizer")
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 64 * 20)
+    return prepare

@@ -1,0 +1,253 @@
+"""The frozen harness: tokenizer, dataloader, metric and the prepare.py command, on the CPU with no network."""
+
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import make_corpus, make_documents, run_prepare, write_shard
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------
+
+
+def test_tokenizer_round_trips_and_has_fixed_special_ids(harness):
+    tok = harness.Tokenizer.from_directory()
+    assert tok.get_vocab_size() == 8192
+    assert tok.get_bos_token_id() == 8188
+    assert [tok.enc.encode_single_token(f"<|reserved_{i}|>") for i in range(4)] == [8188, 8189, 8190, 8191]
+    for text in ["", "hello world", "Numbers 1234567 and 3.14159!", "你好，世界 — naïve café\n\ttabs",
+                 "def f(x):\n    return x ** 2  # code"]:
+        assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode(["a b", "c"], prepend=tok.get_bos_token_id())
+    assert ids == [[8188] + tok.encode("a b"), [8188] + tok.encode("c")]
+    assert tok.encode("a b", prepend="<|reserved_0|>") == [8188] + tok.encode("a b")
+    # digits split in groups of at most two (the \p{N}{1,2} pattern)
+    assert all(len(tok.decode([t])) <= 2 for t in tok.encode("1234567"))
+
+
+def test_token_bytes_are_utf8_lengths(harness):
+    tok = harness.Tokenizer.from_directory()
+    token_bytes = harness.get_token_bytes()
+    assert token_bytes.dtype == torch.int32 and token_bytes.shape == (8192,)
+    expected = [len(tok.enc.decode_single_token_bytes(i)) for i in range(8188)]
+    assert token_bytes[:8188].tolist() == expected
+    assert token_bytes[8188:].tolist() == [0, 0, 0, 0]
+    assert token_bytes[:256].eq(1).all()   # the 256 single bytes come first
+
+
+def test_tokenizer_is_stored_as_data_not_pickle(tiny_cache):
+    meta = json.loads((tiny_cache / "tokenizer" / "tokenizer.json").read_text())
+    assert len(meta["mergeable_ranks"]) == 8188
+    assert meta["special_tokens"] == {f"<|reserved_{i}|>": 8188 + i for i in range(4)}
+
+
+def test_missing_tokenizer_says_what_to_run(tmp_path, harness):
+    with pytest.raises(harness.HarnessError, match=r"no tokenizer in .*run `uv run prepare.py`"):
+        harness.Tokenizer.from_directory(tmp_path)
+
+# ---------------------------------------------------------------------------
+# Dataloader
+# ---------------------------------------------------------------------------
+
+
+def reference_rows(prepare, tokenizer, T, split, n_rows):
+    """SPEC's best-fit packing written out directly: documents read straight from the parquet files."""
+    def document_batches():   # row group by row group, 128 documents at a time, forever
+        while True:
+            for path in prepare.list_shards(split):
+                pf = pq.ParquetFile(path)
+                for rg in range(pf.num_row_groups):
+                    texts = pf.read_row_group(rg).column("text").to_pylist()
+                    yield from (texts[i:i + 128] for i in range(0, len(texts), 128))
+
+    batches, buffer, rows = document_batches(), [], []
+    bos = tokenizer.get_bos_token_id()
+    while len(rows) < n_rows:
+        row = []
+        while len(row) < T + 1:
+            while len(buffer) < 1000:
+                buffer += [[bos] + tokenizer.encode(t) for t in next(batches)]
+            space = T + 1 - len(row)
+            fitting = [i for i, d in enumerate(buffer) if len(d) <= space]
+            if fitting:
+                i = max(fitting, key=lambda i: (len(buffer[i]), -i))   # largest; first of equals
+                row += buffer.pop(i)
+            else:
+                i = min(range(len(buffer)), key=lambda i: (len(buffer[i]), i))   # shortest, cropped
+                row += buffer.pop(i)[:space]
+        rows.append(row)
+    return rows
+
+
+def test_loader_matches_direct_best_fit(harness):
+    tok = harness.Tokenizer.from_directory()
+    B, T = 4, 96
+    loader = harness.make_dataloader(tok, B, T, "train", device="cpu")
+    got = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y, _ in (next(loader) for _ in range(60))])
+    assert got.tolist() == reference_rows(harness, tok, T, "train", 60 * B)
+
+
+def test_loader_rows_are_bos_aligned_shifted_and_deterministic(harness):
+    tok = harness.Tokenizer.from_directory()
+    bos = tok.get_bos_token_id()
+    a = harness.make_dataloader(tok, 3, 64, "train", device="cpu")
+    b = harness.make_dataloader(tok, 3, 64, "train", device="cpu")
+    for _ in range(20):
+        (x, y, epoch), (x2, y2, _) = next(a), next(b)
+        assert x.shape == y.shape == (3, 64) and x.dtype == y.dtype == torch.int64 and epoch >= 1
+        assert x[:, 0].eq(bos).all()
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+        assert x.max() <= bos and y.max() <= bos   # only BOS among the special tokens: no padding
+
+
+def test_training_stream_never_contains_validation_documents(harness):
+    tok = harness.Tokenizer.from_directory()
+    bos = tok.get_bos_token_id()
+    val_docs = set(pq.read_table(harness.DATA_DIR / "shard_06542.parquet").column("text").to_pylist())
+    train_docs = set()
+    for path in harness.list_shards("train"):
+        train_docs |= set(pq.read_table(path).column("text").to_pylist())
+    assert harness.VAL_FILENAME not in [p.name for p in harness.list_shards("train")]
+    loader = harness.make_dataloader(tok, 8, 512, "train", device="cpu")
+    epochs, whole = set(), 0
+    for _ in range(200):   # > 1 epoch of the tiny corpus
+        x, y, epoch = next(loader)
+        epochs.add(epoch)
+        for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
+            starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
+            for s, e in zip(starts[:-1], starts[1:-1]):   # pieces followed by another BOS are whole documents
+                text = tok.decode(row[s + 1:e])
+                assert text in train_docs and text not in val_docs
+                whole += 1
+    assert whole > 1000 and epochs >= {1, 2}
+
+# ---------------------------------------------------------------------------
+# The metric
+# ---------------------------------------------------------------------------
+
+
+class Uniform(torch.nn.Module):
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def forward(self, idx, *rest):
+        self.calls.append((idx.shape, len(rest)))
+        return torch.zeros(*idx.shape, self.vocab_size) + self.dummy
+
+
+class Bigram(torch.nn.Module):
+    """A causal model: logits depend on the current token only."""
+
+    def __init__(self, vocab_size, peek=0, cross_row=False):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab_size, vocab_size)
+        torch.nn.init.normal_(self.table.weight, std=2.0, generator=torch.Generator().manual_seed(0))
+        self.peek, self.cross_row = peek, cross_row
+
+    def forward(self, idx):
+        logits = self.table(idx)
+        if self.peek:   # leaks the next token: a broken causal mask
+            logits = logits + 0.5 * self.table(torch.roll(idx, -self.peek, dims=1))
+        if self.cross_row:   # leaks another row of the batch
+            logits = logits + 0.5 * self.table(torch.roll(idx, 1, dims=0)).mean(dim=1, keepdim=True)
+        return logits
+
+
+def test_uniform_model_known_answer(harness):
+    tok = harness.Tokenizer.from_directory()
+    V, T = tok.get_vocab_size(), harness.MAX_SEQ_LEN
+    n_rows = harness.EVAL_TOKENS // T
+    token_bytes = harness.get_token_bytes()
+    rows = torch.tensor(reference_rows(harness, tok, T, "val", n_rows))
+    targets = rows[:, 1:].flatten()
+    scored_tokens = (token_bytes[targets] > 0).sum().item()
+    scored_bytes = token_bytes[targets].sum().item()
+    expected = math.log(V) * scored_tokens / (math.log(2) * scored_bytes)
+    model = Uniform(V)
+    assert harness.evaluate_bpb(model, tok, 8) == pytest.approx(expected, rel=1e-6)   # float32 ln(V)
+    assert scored_tokens < targets.numel()   # BOS targets exist and are excluded
+    # the model only ever sees inputs, and exactly n_rows rows are scored (plus one probe batch)
+    assert all(rest == 0 and shape[1] == T for shape, rest in model.calls)
+    assert sum(shape[0] for shape, _ in model.calls) == n_rows + 8
+
+
+def test_same_value_for_any_batch_size(harness):
+    tok = harness.Tokenizer.from_directory()
+    model = Bigram(tok.get_vocab_size())
+    values = [harness.evaluate_bpb(model, tok, b) for b in (1, 3, 8)]
+    assert values[0] == pytest.approx(values[1], rel=1e-6) and values[0] == pytest.approx(values[2], rel=1e-6)
+    assert values[0] > 0
+
+
+@pytest.mark.parametrize("peek, cross_row", [(1, False), (5, False), (0, True)])
+def test_model_that_sees_the_future_is_refused(harness, peek, cross_row):
+    tok = harness.Tokenizer.from_directory()
+    with pytest.raises(harness.HarnessError, match="sees the future"):
+        harness.evaluate_bpb(Bigram(tok.get_vocab_size(), peek=peek, cross_row=cross_row), tok, 4)
+
+
+def test_logits_of_the_wrong_shape_are_refused(harness):
+    tok = harness.Tokenizer.from_directory()
+    with pytest.raises(harness.HarnessError, match="must return logits of shape"):
+        harness.evaluate_bpb(Uniform(100), tok, 4)
+
+# ---------------------------------------------------------------------------
+# The command: --source and its failures
+# ---------------------------------------------------------------------------
+
+
+def test_source_builds_cache_and_rerun_is_a_no_op(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, name in enumerate(["b.parquet", "a.parquet", "c.parquet"]):   # no canonical names: last sorted = val
+        write_shard(corpus / name, make_documents(300, seed=i))
+    first = run_prepare(tmp_path / "cache", "--source", str(corpus))
+    assert first.returncode == 0, first.stderr
+    data = tmp_path / "cache" / "data"
+    assert sorted(p.name for p in data.iterdir()) == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
+    assert (data / "shard_06542.parquet").read_bytes() == (corpus / "c.parquet").read_bytes()
+    assert (data / "shard_00000.parquet").read_bytes() == (corpus / "a.parquet").read_bytes()
+    assert "trained 8192 tokens" in first.stdout
+    second = run_prepare(tmp_path / "cache", "--source", str(corpus))
+    assert second.returncode == 0 and "0 copied" in second.stdout and "tokenizer: up to date" in second.stdout
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("no_text_column", "has no string column named 'text'"),
+    ("empty", "has no rows"),
+    ("corrupt", "is not a readable parquet file"),
+    ("one_file", "needs at least 2 parquet files"),
+])
+def test_bad_source_fails_with_one_line_and_writes_nothing(tmp_path, problem, message):
+    corpus = make_corpus(tmp_path / "corpus", n_train_shards=2, docs_per_shard=50)
+    if problem == "no_text_column":
+        pq.write_table(pa.table({"content": ["x"] * 10}), corpus / "shard_00001.parquet")
+    elif problem == "empty":
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), corpus / "shard_00001.parquet")
+    elif problem == "corrupt":
+        good = (corpus / "shard_00001.parquet").read_bytes()
+        (corpus / "shard_00001.parquet").write_bytes(good[: len(good) // 2])
+    else:
+        for p in list(corpus.iterdir())[1:]:
+            p.unlink()
+    result = run_prepare(tmp_path / "cache", "--source", str(corpus))
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    assert not (tmp_path / "cache" / "data").exists() or not any((tmp_path / "cache" / "data").iterdir())
+    assert not (tmp_path / "cache" / "tokenizer").exists()
+
+
+def test_training_without_data_says_what_to_run(tmp_path, harness, monkeypatch):
+    monkeypatch.setattr(harness, "DATA_DIR", tmp_path / "nothing")
+    tok = harness.Tokenizer.from_directory()
+    with pytest.raises(harness.HarnessError, match=r"no training shards in .*run `uv run prepare.py`"):
+        next(harness.make_dataloader(tok, 2, 16, "train", device="cpu"))
