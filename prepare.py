@@ -12,6 +12,9 @@ This file is the frozen harness: the agent never edits it.
 
 import argparse
 import base64
+import bisect
+import collections
+import hashlib
 import json
 import math
 import os
@@ -20,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import tiktoken
 import torch
@@ -43,6 +47,7 @@ TOKENIZER_MAX_DOC_CHARS = 10_000         # each document is capped at this many 
 TOKENIZER_MAX_CHARS = 1_000_000_000      # characters of training text in all
 TOKENIZER_BATCH = 128                    # documents tokenized together by the dataloader
 LOADER_BUFFER = 1000                     # tokenized documents kept for best-fit packing
+TOKEN_CACHE_SHARDS = 64                  # training shards tokenized at prepare time; later ones on the fly
 
 DATASET_REPO = "karpathy/climbmix-400b-shuffle"
 MAX_SHARD = 6542                                  # shards are shard_00000 ... shard_06542
@@ -73,6 +78,12 @@ def _atomic_write(path, write):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _save_npy(path, array=None, **arrays):
+    """np.save / np.savez to exactly `path` (given a name, numpy would append its own suffix)."""
+    with open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False) if array is not None else np.savez(f, **arrays)
 
 
 def check_shard(path):
@@ -110,28 +121,41 @@ def list_shards(split, data_dir=None):
 
 
 def _network_hint():
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    return (f"cannot download {DATASET_REPO} from {endpoint}: check the network, set HF_ENDPOINT to a "
+    from huggingface_hub import constants
+    return (f"cannot download {DATASET_REPO} from {constants.ENDPOINT}: check the network, set HF_ENDPOINT to a "
             f"reachable mirror (and HF_TOKEN if it needs one), or use local parquet files with "
             f"`uv run prepare.py --source DIR`")
+
+
+def _check_reachable(timeout=5.0):
+    """Fail in seconds, not after the hub client's minute of retries, when the endpoint cannot be reached."""
+    import socket
+    from urllib.parse import urlsplit
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        raise HarnessError(f"{_network_hint()} (HF_HUB_OFFLINE is set and shards are missing)")
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as e:
+        raise HarnessError(f"{_network_hint()} ({e})") from None
 
 
 def _download_shard(name, data_dir):
     """Fetch one shard with the hub client (resumable); it renames the file into place when complete."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     path = data_dir / name
     for attempt in range(2):
         try:
             hf_hub_download(DATASET_REPO, name, repo_type="dataset", local_dir=data_dir)
+        except LocalEntryNotFoundError as e:   # the client's word for "could not reach the hub"
+            raise HarnessError(f"{_network_hint()} ({name}: {str(e).splitlines()[0]})") from None
         except EntryNotFoundError:
             raise HarnessError(f"{DATASET_REPO} has no file {name} (is --num-shards too large?)") from None
-        except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as e:
-            raise HarnessError(f"{_network_hint()} ({type(e).__name__} on {name})") from None
-        except Exception as e:
-            if "connect" in type(e).__name__.lower() or "timeout" in type(e).__name__.lower():
-                raise HarnessError(f"{_network_hint()} ({type(e).__name__} on {name})") from None
-            raise
+        except OSError as e:   # connection errors, including a transfer cut short
+            raise HarnessError(f"{_network_hint()} ({name}: {type(e).__name__}: {e}); "
+                               f"a rerun resumes where it stopped") from None
         try:
             check_shard(path)
             return path
@@ -161,6 +185,7 @@ def download_data(num_shards, workers, data_dir=None):
         missing.append(name)
     if not missing:
         return 0, len(wanted)
+    _check_reachable()
     disable_progress_bars()
     with tqdm(total=len(missing), desc="downloading shards", unit="shard") as bar:
         _download_shard(missing[0], data_dir)   # one first, so that a dead network fails fast, once
@@ -268,18 +293,20 @@ def _encoding_from_meta(meta):
 class Tokenizer:
     """The tiktoken encoding with the BOS convention the dataloader and train.py use."""
 
-    def __init__(self, enc):
+    def __init__(self, enc, id=None):
         self.enc = enc
+        self.id = id   # a hash of the saved tokenizer: names its token cache
         self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None):
         tokenizer_dir = Path(tokenizer_dir or TOKENIZER_DIR)
         try:
-            meta = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+            raw = (tokenizer_dir / "tokenizer.json").read_bytes()
+            meta = json.loads(raw)
         except (OSError, ValueError):
             raise HarnessError(f"no tokenizer in {tokenizer_dir}: run `uv run prepare.py`") from None
-        return cls(_encoding_from_meta(meta))
+        return cls(_encoding_from_meta(meta), id=hashlib.sha256(raw).hexdigest()[:16])
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -310,67 +337,175 @@ def get_token_bytes(device="cpu", tokenizer_dir=None):
         raise HarnessError(f"no token byte lengths at {path}: run `uv run prepare.py`") from None
 
 # ---------------------------------------------------------------------------
+# Token cache: every shard tokenized once, at prepare time
+# ---------------------------------------------------------------------------
+
+
+def _tokens_dir(tokenizer):
+    """Token files depend on the tokenizer: each tokenizer gets a directory of its own."""
+    return CACHE_DIR / "tokens" / tokenizer.id if tokenizer.id else None
+
+
+def tokenize_shard(path, tokenizer):
+    """
+    All documents of a shard in reading order, BOS first in each: (tokens, offsets, batches).
+    Document i is tokens[offsets[i]:offsets[i + 1]]; the loader takes documents in the
+    tokenizer batches of the reference (row group by row group, 128 at a time), whose
+    bounds are `batches`.
+    """
+    pf = pq.ParquetFile(path)
+    bos = tokenizer.get_bos_token_id()
+    docs, batches = [], [0]
+    for rg in range(pf.num_row_groups):
+        texts = [t or "" for t in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()]
+        docs += tokenizer.encode(texts, prepend=bos, num_threads=os.cpu_count() or 8)
+        start = batches[-1]
+        batches += [start + min(i + TOKENIZER_BATCH, len(texts)) for i in range(0, len(texts), TOKENIZER_BATCH)]
+    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+    np.cumsum([len(d) for d in docs], out=offsets[1:])
+    tokens = np.fromiter((t for d in docs for t in d), dtype=np.uint16, count=offsets[-1])
+    return tokens, offsets, np.array(batches, dtype=np.int64)
+
+
+def cache_tokens(tokenizer, max_train_shards=TOKEN_CACHE_SHARDS):
+    """Tokenize the validation shard and the first training shards into the cache. Returns how many were written."""
+    out = _tokens_dir(tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.iterdir():   # token files of an older tokenizer
+        if stale != out:
+            shutil.rmtree(stale, ignore_errors=True)
+    written = 0
+    for path in list_shards("val") + list_shards("train")[:max_train_shards]:
+        if _load_shard_tokens(path, tokenizer) is not None:
+            continue
+        tokens, offsets, batches = tokenize_shard(path, tokenizer)
+        stem = path.name.removesuffix(".parquet")
+        _atomic_write(out / f"{stem}.tokens.npy", lambda tmp: _save_npy(tmp, tokens))
+        _atomic_write(out / f"{stem}.index.npz", lambda tmp: _save_npy(   # written last: marks completion
+            tmp, offsets=offsets, batches=batches, source_size=path.stat().st_size))
+        written += 1
+    return written
+
+
+def _load_shard_tokens(path, tokenizer):
+    """A shard's cached (tokens, offsets, batches), or None if it is not cached for this exact file."""
+    out = _tokens_dir(tokenizer)
+    if out is None:
+        return None
+    stem = path.name.removesuffix(".parquet")
+    try:
+        with np.load(out / f"{stem}.index.npz", allow_pickle=False) as index:
+            if int(index["source_size"]) != path.stat().st_size:
+                return None
+            offsets, batches = index["offsets"], index["batches"]
+        tokens = np.load(out / f"{stem}.tokens.npy", mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, KeyError):
+        return None
+    return (tokens, offsets, batches) if len(tokens) == offsets[-1] else None
+
+# ---------------------------------------------------------------------------
 # Dataloader: BOS-aligned best-fit packing
 # ---------------------------------------------------------------------------
 
 
-def _document_batches(split, batch_size=TOKENIZER_BATCH):
-    """Text documents of a split in a fixed order, `batch_size` at a time, forever; yields (texts, epoch)."""
+def _document_batches(tokenizer, split):
+    """Tokenized documents of a split in a fixed order, one tokenizer batch at a time, forever: (docs, epoch)."""
     paths = list_shards(split)
     epoch = 1
     while True:
         for path in paths:
             try:
-                pf = pq.ParquetFile(path)
-                for rg in range(pf.num_row_groups):
-                    texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-                    for i in range(0, len(texts), batch_size):
-                        yield [t or "" for t in texts[i:i + batch_size]], epoch
+                cached = _load_shard_tokens(path, tokenizer)
+                tokens, offsets, batches = cached if cached is not None else tokenize_shard(path, tokenizer)
             except (OSError, ValueError) as e:   # pyarrow raises ArrowInvalid (a ValueError) on corrupt data
                 raise HarnessError(f"cannot read {path} ({e}): delete it and run `uv run prepare.py` again") from None
+            for b0, b1 in zip(batches[:-1].tolist(), batches[1:].tolist()):
+                yield [tokens[offsets[i]:offsets[i + 1]] for i in range(b0, b1)], epoch
         epoch += 1
 
 
-def _packed_rows(tokenizer, T, split, buffer_size=LOADER_BUFFER):
-    """Rows of T + 1 tokens, each starting with BOS, filled best-fit from a buffer of documents; yields (row, epoch)."""
-    bos = tokenizer.get_bos_token_id()
-    batches = _document_batches(split)
-    buffer, epoch = [], 1
-    while True:
-        row, space = [], T + 1
-        while space > 0:
-            while len(buffer) < buffer_size:
-                texts, epoch = next(batches)
-                buffer.extend(tokenizer.encode(texts, prepend=bos))
-            # the largest document that fits; if none fits, crop the shortest to fill the row
-            best = max((i for i in range(len(buffer)) if len(buffer[i]) <= space),
-                       key=lambda i: len(buffer[i]), default=None)
-            if best is None:
-                best = min(range(len(buffer)), key=lambda i: len(buffer[i]))
-            doc = buffer.pop(best)[:space]
-            row.extend(doc)
-            space -= len(doc)
-        yield row, epoch
+class _BestFitPacker:
+    """
+    Fills rows left to right from a buffer of LOADER_BUFFER documents: the largest document
+    that fits, else the shortest one cropped to fill the row. Among equal lengths the
+    oldest goes first. Documents are kept in per-length queues, so a choice is a bisection
+    over the distinct lengths rather than a scan of the buffer.
+    """
+
+    def __init__(self, tokenizer, split):
+        self.batches = _document_batches(tokenizer, split)
+        self.lengths = []       # distinct document lengths in the buffer, sorted
+        self.by_length = {}     # length -> documents of that length, oldest first
+        self.size = 0
+        self.epoch = 1
+
+    def _take(self, space):
+        i = max(bisect.bisect_right(self.lengths, space) - 1, 0)   # nothing fits: i = 0, the shortest
+        length = self.lengths[i]
+        queue = self.by_length[length]
+        doc = queue.popleft()
+        if not queue:
+            del self.by_length[length]
+            self.lengths.pop(i)
+        self.size -= 1
+        return doc
+
+    def fill(self, row):
+        """Fill a 1-D array of T + 1 tokens; returns the epoch of the stream."""
+        pos, n = 0, len(row)
+        while pos < n:
+            while self.size < LOADER_BUFFER:
+                docs, self.epoch = next(self.batches)
+                for doc in docs:
+                    queue = self.by_length.get(len(doc))
+                    if queue is None:
+                        queue = self.by_length[len(doc)] = collections.deque()
+                        bisect.insort(self.lengths, len(doc))
+                    queue.append(doc)
+                self.size += len(docs)
+            doc = self._take(n - pos)[:n - pos]
+            row[pos:pos + len(doc)] = doc
+            pos += len(doc)
+        return self.epoch
 
 
 def make_dataloader(tokenizer, B, T, split, device=None):
     """Yield (inputs, targets, epoch) forever: B packed rows, int64 on `device` (CUDA when available by default)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     use_cuda = device.type == "cuda"
+    packer = _BestFitPacker(tokenizer, split)
+    rows = np.empty((B, T + 1), dtype=np.int64)
     host = torch.empty(B, T + 1, dtype=torch.long, pin_memory=use_cuda)
     copied = torch.cuda.Event() if use_cuda else None
-    rows = _packed_rows(tokenizer, T, split)
     while True:
-        batch = [next(rows) for _ in range(B)]
+        for row in rows:
+            epoch = packer.fill(row)
         if use_cuda:
             copied.synchronize()   # the previous asynchronous copy has finished reading `host`
-        host.copy_(torch.tensor([r for r, _ in batch], dtype=torch.long))
+        host.copy_(torch.from_numpy(rows))
         if use_cuda:
-            gpu = host.to(device, non_blocking=True)
+            batch = host.to(device, non_blocking=True)
             copied.record()
         else:
-            gpu = host.clone()
-        yield gpu[:, :-1], gpu[:, 1:], batch[-1][1]
+            batch = host.clone()
+        yield batch[:, :-1], batch[:, 1:], epoch
+
+
+def validation_rows(tokenizer, T, n_rows):
+    """The first n_rows packed validation rows, (n_rows, T + 1) uint16: packed once, then read from the cache."""
+    out = _tokens_dir(tokenizer)
+    val_size = list_shards("val")[0].stat().st_size
+    path = out / f"val_rows_T{T}_N{n_rows}_S{val_size}.npy" if out else None
+    if path is not None and path.exists():
+        return np.load(path, allow_pickle=False)
+    packer = _BestFitPacker(tokenizer, "val")
+    rows = np.empty((n_rows, T + 1), dtype=np.uint16)
+    for row in rows:
+        packer.fill(row)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda tmp: _save_npy(tmp, rows))
+    return rows
 
 # ---------------------------------------------------------------------------
 # Evaluation (DO NOT CHANGE — this is the fixed metric)
@@ -409,13 +544,13 @@ def evaluate_bpb(model, tokenizer, batch_size):
     device = param.device if param is not None else torch.device("cpu")
     vocab_size = tokenizer.get_vocab_size()
     token_bytes = get_token_bytes(device)
-    rows = _packed_rows(tokenizer, T, "val")
+    rows = validation_rows(tokenizer, T, n_rows)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     done = 0
     while done < n_rows:
         b = min(batch_size, n_rows - done)
-        batch = torch.tensor([next(rows)[0] for _ in range(b)], dtype=torch.long).to(device)
+        batch = torch.from_numpy(rows[done:done + b].astype(np.int64)).to(device)
         x, y = batch[:, :-1], batch[:, 1:]
         logits = model(x)
         if not (torch.is_tensor(logits) and logits.dim() == 3 and logits.shape[:2] == (b, T)
@@ -457,6 +592,12 @@ def main(argv=None):
         print(f"tokenizer: up to date in {TOKENIZER_DIR}")
     else:
         print(f"tokenizer: trained {VOCAB_SIZE} tokens in {seconds:.1f}s, saved to {TOKENIZER_DIR}")
+    t1 = time.time()
+    tokenizer = Tokenizer.from_directory()
+    written = cache_tokens(tokenizer)
+    validation_rows(tokenizer, MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN)
+    print(f"tokens: {written} shards tokenized into {_tokens_dir(tokenizer)} in {time.time() - t1:.1f}s, "
+          f"validation rows packed")
     print(f"done in {time.time() - t0:.1f}s: now run `uv run train.py`")
 
 

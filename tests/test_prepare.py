@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import make_corpus, make_documents, run_prepare, write_shard
+from reference_loader import reference_rows
 
 # ---------------------------------------------------------------------------
 # Tokenizer
@@ -55,41 +56,25 @@ def test_missing_tokenizer_says_what_to_run(tmp_path, harness):
 # ---------------------------------------------------------------------------
 
 
-def reference_rows(prepare, tokenizer, T, split, n_rows):
-    """SPEC's best-fit packing written out directly: documents read straight from the parquet files."""
-    def document_batches():   # row group by row group, 128 documents at a time, forever
-        while True:
-            for path in prepare.list_shards(split):
-                pf = pq.ParquetFile(path)
-                for rg in range(pf.num_row_groups):
-                    texts = pf.read_row_group(rg).column("text").to_pylist()
-                    yield from (texts[i:i + 128] for i in range(0, len(texts), 128))
-
-    batches, buffer, rows = document_batches(), [], []
-    bos = tokenizer.get_bos_token_id()
-    while len(rows) < n_rows:
-        row = []
-        while len(row) < T + 1:
-            while len(buffer) < 1000:
-                buffer += [[bos] + tokenizer.encode(t) for t in next(batches)]
-            space = T + 1 - len(row)
-            fitting = [i for i, d in enumerate(buffer) if len(d) <= space]
-            if fitting:
-                i = max(fitting, key=lambda i: (len(buffer[i]), -i))   # largest; first of equals
-                row += buffer.pop(i)
-            else:
-                i = min(range(len(buffer)), key=lambda i: (len(buffer[i]), i))   # shortest, cropped
-                row += buffer.pop(i)[:space]
-        rows.append(row)
-    return rows
-
-
-def test_loader_matches_direct_best_fit(harness):
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("cached", [True, False], ids=["token-cache", "tokenize-on-the-fly"])
+def test_loader_matches_direct_best_fit(harness, split, cached):
     tok = harness.Tokenizer.from_directory()
-    B, T = 4, 96
-    loader = harness.make_dataloader(tok, B, T, "train", device="cpu")
-    got = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y, _ in (next(loader) for _ in range(60))])
-    assert got.tolist() == reference_rows(harness, tok, T, "train", 60 * B)
+    if not cached:
+        tok.id = None   # no token cache for this tokenizer: the loader tokenizes the parquet files itself
+    B, T, n_batches = 8, 64, 250
+    loader = harness.make_dataloader(tok, B, T, split, device="cpu")
+    got = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y, _ in (next(loader) for _ in range(n_batches))])
+    expected = reference_rows(harness.list_shards(split), tok, T, B * n_batches)
+    assert got.tolist() == expected
+
+
+def test_validation_rows_are_cached_and_equal_to_packing(harness):
+    tok = harness.Tokenizer.from_directory()
+    rows = harness.validation_rows(tok, 64, 50)
+    assert rows.tolist() == reference_rows(harness.list_shards("val"), tok, 64, 50)
+    assert list(harness._tokens_dir(tok).glob("val_rows_T64_N50_*.npy"))
+    assert harness.validation_rows(tok, 64, 50).tolist() == rows.tolist()
 
 
 def test_loader_rows_are_bos_aligned_shifted_and_deterministic(harness):
@@ -167,7 +152,7 @@ def test_uniform_model_known_answer(harness):
     V, T = tok.get_vocab_size(), harness.MAX_SEQ_LEN
     n_rows = harness.EVAL_TOKENS // T
     token_bytes = harness.get_token_bytes()
-    rows = torch.tensor(reference_rows(harness, tok, T, "val", n_rows))
+    rows = torch.tensor(reference_rows(harness.list_shards("val"), tok, T, n_rows))
     targets = rows[:, 1:].flatten()
     scored_tokens = (token_bytes[targets] > 0).sum().item()
     scored_bytes = token_bytes[targets].sum().item()
