@@ -142,20 +142,20 @@ def _check_reachable(timeout=5.0):
 
 
 def _download_shard(name, data_dir):
-    """Fetch one shard with the hub client (resumable); it renames the file into place when complete."""
+    """Fetch one shard with the hub client, which renames the file into place only when it is complete."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
     path = data_dir / name
     for attempt in range(2):
         try:
-            hf_hub_download(DATASET_REPO, name, repo_type="dataset", local_dir=data_dir)
-        except LocalEntryNotFoundError as e:   # the client's word for "could not reach the hub"
-            raise HarnessError(f"{_network_hint()} ({name}: {str(e).splitlines()[0]})") from None
-        except EntryNotFoundError:
+            hf_hub_download(DATASET_REPO, name, repo_type="dataset", revision="main", local_dir=data_dir)
+        except RemoteEntryNotFoundError:
             raise HarnessError(f"{DATASET_REPO} has no file {name} (is --num-shards too large?)") from None
-        except OSError as e:   # connection errors, including a transfer cut short
-            raise HarnessError(f"{_network_hint()} ({name}: {type(e).__name__}: {e}); "
-                               f"a rerun resumes where it stopped") from None
+        except LocalEntryNotFoundError as e:   # the client's word for "could not reach the hub", or HF_HUB_OFFLINE
+            raise HarnessError(f"{_network_hint()} ({name}: {e.__cause__ or e})") from None
+        except Exception as e:   # a transfer cut short: nothing is left under the final name
+            raise HarnessError(f"downloading {name} failed ({type(e).__name__}: {e}): run the same command "
+                               f"again to fetch what is missing") from None
         try:
             check_shard(path)
             return path
@@ -167,10 +167,13 @@ def _download_shard(name, data_dir):
 def download_data(num_shards, workers, data_dir=None):
     """Download the validation shard and the first `num_shards` training shards. Returns (fetched, present)."""
     from concurrent.futures import ThreadPoolExecutor
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")   # read when huggingface_hub is first imported
     from huggingface_hub.utils import disable_progress_bars
     from tqdm import tqdm
     data_dir = Path(data_dir or DATA_DIR)
     data_dir.mkdir(parents=True, exist_ok=True)
+    for orphan in (data_dir / ".cache" / "huggingface" / "download").glob("*.incomplete"):
+        orphan.unlink()   # left by a killed download; the hub client never resumes these
     n_train = MAX_SHARD if num_shards < 0 else min(num_shards, MAX_SHARD)
     wanted = [VAL_FILENAME] + [shard_name(i) for i in range(n_train)]
     missing = []
@@ -187,7 +190,7 @@ def download_data(num_shards, workers, data_dir=None):
         return 0, len(wanted)
     _check_reachable()
     disable_progress_bars()
-    with tqdm(total=len(missing), desc="downloading shards", unit="shard") as bar:
+    with tqdm(total=len(missing), desc="downloading shards", unit="shard", disable=None) as bar:   # bar on a terminal only
         _download_shard(missing[0], data_dir)   # one first, so that a dead network fails fast, once
         bar.update()
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -1,0 +1,104 @@
+"""`uv run prepare.py` downloading with the real hub client from a fake hub on 127.0.0.1 (tests/hf_server.py)."""
+
+import os
+import socket
+import time
+
+import pytest
+
+from conftest import make_corpus, run_prepare
+from hf_server import serve
+
+
+def hub_env(hub_url, home, **extra):
+    """The environment a user would have, pointed at the fake hub; nothing from ~/.cache or the internet."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_ENDPOINT=hub_url, HF_HOME=str(home), HF_HUB_DISABLE_XET="1",
+               HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5",
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory):
+    """What the hub serves: training shards shard_00000..00002 and the validation shard."""
+    return make_corpus(tmp_path_factory.mktemp("remote"), n_train_shards=3, docs_per_shard=400)
+
+
+def prepare(cache, env, *args):
+    return run_prepare(cache, "--num-shards", "2", *args, env=env)
+
+
+def test_download_builds_the_cache_and_a_rerun_fetches_nothing(tmp_path, remote):
+    with serve(remote) as hub:
+        env = hub_env(hub.url, tmp_path / "hf")
+        first = prepare(tmp_path / "cache", env)
+        assert first.returncode == 0, first.stderr
+        data = tmp_path / "cache" / "data"
+        assert sorted(p.name for p in data.glob("*.parquet")) == [
+            "shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]   # --num-shards 2 + validation
+        for p in data.glob("*.parquet"):
+            assert p.read_bytes() == (remote / p.name).read_bytes()
+        assert "3 shards downloaded" in first.stdout and "trained 8192 tokens" in first.stdout
+        gets = hub.count("GET", "shard_00000.parquet")
+        second = prepare(tmp_path / "cache", env)
+        assert second.returncode == 0, second.stderr
+        assert "0 shards downloaded, 3 already present" in second.stdout
+        assert hub.count("GET", "shard_00000.parquet") == gets
+
+
+def test_connection_cut_mid_file_leaves_nothing_and_a_rerun_repairs_it(tmp_path, remote):
+    with serve(remote) as hub:
+        env = hub_env(hub.url, tmp_path / "hf")
+        hub.cut("shard_00001.parquet", after_bytes=100_000, times=1, mode="reset")
+        first = prepare(tmp_path / "cache", env)
+        assert first.returncode == 1
+        lines = first.stderr.strip().splitlines()
+        assert len(lines) == 1 and "downloading shard_00001.parquet failed" in lines[0] and "again" in lines[0]
+        data = tmp_path / "cache" / "data"
+        assert not (data / "shard_00001.parquet").exists()   # no half-written file under the final name
+        assert not (tmp_path / "cache" / "tokenizer").exists()
+        second = prepare(tmp_path / "cache", env)
+        assert second.returncode == 0, second.stderr
+        assert (data / "shard_00001.parquet").read_bytes() == (remote / "shard_00001.parquet").read_bytes()
+        assert not list(data.rglob("*.incomplete"))
+
+
+def test_corrupt_file_on_the_hub_is_refused(tmp_path, remote):
+    served = tmp_path / "served"
+    served.mkdir()
+    for p in remote.iterdir():
+        (served / p.name).write_bytes(p.read_bytes())
+    (served / "shard_00001.parquet").write_bytes(b"not a parquet file at all" * 100)
+    with serve(served) as hub:
+        result = prepare(tmp_path / "cache", hub_env(hub.url, tmp_path / "hf"))
+    assert result.returncode == 1
+    assert "shard_00001.parquet twice and it is still not a valid parquet file" in result.stderr
+    assert not (tmp_path / "cache" / "data" / "shard_00001.parquet").exists()
+
+
+def test_missing_file_on_the_hub_names_num_shards(tmp_path, remote):
+    with serve(remote) as hub:
+        result = run_prepare(tmp_path / "cache", "--num-shards", "5", env=hub_env(hub.url, tmp_path / "hf"))
+    assert result.returncode == 1 and "has no file shard_00003.parquet (is --num-shards too large?)" in result.stderr
+
+
+def test_unreachable_endpoint_fails_fast_naming_the_ways_out(tmp_path):
+    with socket.socket() as s:   # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    result = prepare(tmp_path / "cache", hub_env(f"http://127.0.0.1:{port}", tmp_path / "hf"))
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "HF_ENDPOINT" in lines[0] and "--source" in lines[0]
+    assert elapsed < 20   # the hub client alone retries for ~24 s before it gives up
+    assert not (tmp_path / "cache" / "tokenizer").exists()
+
+
+def test_offline_mode_with_missing_shards_says_so(tmp_path, remote):
+    with serve(remote) as hub:
+        result = prepare(tmp_path / "cache", hub_env(hub.url, tmp_path / "hf", HF_HUB_OFFLINE="1"))
+        assert hub.requests == []
+    assert result.returncode == 1 and "HF_HUB_OFFLINE" in result.stderr and "--source" in result.stderr
