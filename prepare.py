@@ -15,6 +15,7 @@ import base64
 import bisect
 import collections
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -366,7 +367,7 @@ def tokenize_shard(path, tokenizer):
         batches += [start + min(i + TOKENIZER_BATCH, len(texts)) for i in range(0, len(texts), TOKENIZER_BATCH)]
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum([len(d) for d in docs], out=offsets[1:])
-    tokens = np.fromiter((t for d in docs for t in d), dtype=np.uint16, count=offsets[-1])
+    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.uint16, count=offsets[-1])
     return tokens, offsets, np.array(batches, dtype=np.int64)
 
 

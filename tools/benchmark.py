@@ -1,0 +1,77 @@
+"""
+Measure the harness on this machine: cache build, tokenizer training, loader throughput
+(the fast loader against the straightforward oracle, side by side), and evaluation.
+
+    uv run tools/benchmark.py [--source ../shared/corpus] [--batches 20]
+
+It builds a fresh cache from --source in a temporary directory, so it never touches
+~/.cache/autoresearch. It prints numbers; it asserts nothing about them.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def throughput(batches, n, B, T):
+    """Tokens per second over n batches, after one warm-up batch (which opens files and fills the buffer)."""
+    next(batches)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        next(batches)
+    return n * B * T / (time.perf_counter() - t0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--source", default=str(ROOT.parent / "shared" / "corpus"), help="directory of parquet shards")
+    parser.add_argument("--batches", type=int, default=20, help="batches timed for the fast loader")
+    parser.add_argument("--oracle-batches", type=int, default=3, help="batches timed for the oracle (slow)")
+    parser.add_argument("-B", type=int, default=128)
+    parser.add_argument("-T", type=int, default=2048)
+    args = parser.parse_args()
+
+    cache = Path(tempfile.mkdtemp(prefix="autoresearch-bench-"))
+    os.environ["AUTORESEARCH_CACHE"] = str(cache)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--source", args.source],
+                         capture_output=True, text=True, env=os.environ)
+    build = time.perf_counter() - t0
+    if out.returncode != 0:
+        sys.exit(f"benchmark: prepare.py failed: {out.stderr.strip()}")
+    print(f"cache build (prepare.py --source, incl. python start-up): {build:.1f} s")
+    for line in out.stdout.splitlines():
+        print(f"  {line}")
+
+    import prepare
+    import torch
+    from reference_loader import reference_batches
+
+    tok = prepare.Tokenizer.from_directory()
+    B, T = args.B, args.T
+    fast = throughput(prepare.make_dataloader(tok, B, T, "train", device="cpu"), args.batches, B, T)
+    oracle = throughput(reference_batches(prepare.list_shards("train"), tok, T, B), args.oracle_batches, B, T)
+    print(f"loader, B={B} T={T}, {os.cpu_count()} cores:")
+    print(f"  fast (prepare.make_dataloader): {fast / 1e6:8.2f} M tokens/s")
+    print(f"  oracle (tests/reference_loader): {oracle / 1e6:7.2f} M tokens/s")
+    print(f"  ratio: {fast / oracle:.1f}x")
+
+    n_rows = prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN
+    t0 = time.perf_counter()
+    prepare.validation_rows(tok, prepare.MAX_SEQ_LEN, n_rows)
+    print(f"validation rows ({n_rows} x {prepare.MAX_SEQ_LEN + 1}) from the cache: {time.perf_counter() - t0:.3f} s")
+    if torch.cuda.is_available():
+        print("GPU: start-up before step 0 and evaluation time are printed by train.py itself "
+              "(run `uv run train.py` and read its log)")
+    print(f"(cache left in {cache}; delete it when done)")
+
+
+if __name__ == "__main__":
+    main()
