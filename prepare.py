@@ -525,7 +525,7 @@ def _check_causal(model, x, logits, vocab_size):
     for row, cut in enumerate(cuts):
         shift = torch.randint(1, vocab_size, (T - cut,), generator=gen).to(x.device)
         probe[row, cut:] = (x[row, cut:] + shift) % vocab_size   # every token from `cut` on differs
-    probe_logits = model(probe)[:len(cuts)].float()
+    probe_logits = model(probe)[:len(cuts)].float().clone()   # a copy: the full output is freed at once
     for row, cut in enumerate(cuts):
         before, after = logits[row, :cut].float(), probe_logits[row, :cut]
         tolerance = 2 ** -7 * max(1.0, before.abs().max().item())   # bf16 rounding noise

@@ -1,0 +1,363 @@
+"""train.py on the CPU: model size and FLOPs, the optimizer and attention against references, the fast fail, a toy run."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ROOT / "train.py"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def load_train_definitions():
+    """Exec train.py up to its `# Setup` banner: the model, optimizer and hyperparameters, without training."""
+    src = TRAIN.read_text()
+    prefix = src[:re.search(r"^# Setup", src, re.M).start()]
+    module = types.ModuleType("train_definitions")
+    sys.modules[module.__name__] = module  # dataclasses look up their module
+    exec(compile(prefix, str(TRAIN), "exec"), module.__dict__)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tr():
+    return load_train_definitions()
+
+
+def toy_copy(directory, harness_lines="", **edits):
+    """A copy of train.py edited the way a user would: hyperparameter lines replaced, harness constants shrunk."""
+    src = TRAIN.read_text()
+    for name, value in edits.items():
+        src, n = re.subn(rf"^{name} = .*$", f"{name} = {value}", src, flags=re.M)
+        assert n == 1, f"train.py has no single `{name} = ...` line"
+    src, n = re.subn(r"^from prepare import .*$", lambda m: m.group(0) + "\n" + harness_lines, src, flags=re.M)
+    assert n == 1
+    path = Path(directory) / "train.py"
+    path.write_text(src)
+    return path
+
+
+def run_script(path, cache, log_path, timeout=240):
+    """`python train.py > run.log 2>&1` against the tiny cache; returns (returncode, log bytes)."""
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "PYTHONPATH": str(ROOT),
+           "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, even on a GPU machine
+    with open(log_path, "wb") as log:
+        proc = subprocess.run([sys.executable, str(path)], cwd=path.parent, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, timeout=timeout)
+    return proc.returncode, Path(log_path).read_bytes()
+
+
+TOY = dict(DEPTH="2", ASPECT_RATIO="32", HEAD_DIM="32", DEVICE_BATCH_SIZE="8", TOTAL_BATCH_SIZE="8 * 64 * 2")
+
+# ---------------------------------------------------------------------------
+# Model size, names and FLOPs at the reference defaults (meta device: nothing allocated)
+
+
+def default_model(tr):
+    model_dim = math.ceil(tr.DEPTH * tr.ASPECT_RATIO / tr.HEAD_DIM) * tr.HEAD_DIM  # round_up(DEPTH x ASPECT_RATIO, HEAD_DIM)
+    n_head = model_dim // tr.HEAD_DIM
+    config = tr.GPTConfig(sequence_len=2048, vocab_size=8192, n_layer=tr.DEPTH, n_head=n_head, n_kv_head=n_head,
+                          n_embd=model_dim, window_pattern=tr.WINDOW_PATTERN)
+    with torch.device("meta"):
+        return tr.GPT(config)
+
+
+def test_hyperparameters_are_the_reference_values(tr):
+    assert (tr.DEPTH, tr.ASPECT_RATIO, tr.HEAD_DIM, tr.WINDOW_PATTERN) == (8, 64, 128, "SSSL")
+    assert (tr.TOTAL_BATCH_SIZE, tr.DEVICE_BATCH_SIZE) == (2**19, 128)
+    assert (tr.EMBEDDING_LR, tr.UNEMBEDDING_LR, tr.MATRIX_LR, tr.SCALAR_LR) == (0.6, 0.004, 0.04, 0.5)
+    assert (tr.WEIGHT_DECAY, tr.ADAM_BETAS) == (0.2, (0.8, 0.95))
+    assert (tr.WARMUP_RATIO, tr.WARMDOWN_RATIO, tr.FINAL_LR_FRAC) == (0.0, 0.5, 0.0)
+    assert tr.TOTAL_BATCH_SIZE // (tr.DEVICE_BATCH_SIZE * 2048) == 2  # gradient-accumulation micro-steps
+
+
+def test_default_model_has_50_332_176_parameters(tr):
+    model = default_model(tr)
+    assert (model.config.n_embd, model.config.n_head) == (512, 4)
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    assert sum(sizes.values()) == 50_332_176
+    assert sizes["transformer.wte.weight"] == 4_194_304
+    assert sizes["lm_head.weight"] == 4_194_304
+    assert sorted(n for n in sizes if n.startswith("value_embeds.")) == [f"value_embeds.{i}.weight" for i in (1, 3, 5, 7)]
+    assert sum(v for n, v in sizes.items() if n.startswith("value_embeds.")) == 16_777_216
+    matrices = [f"transformer.h.{i}.{m}.weight" for i in range(8)
+                for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert sum(sizes.pop(n) for n in matrices) == 25_165_824
+    gates = [f"transformer.h.{i}.attn.ve_gate.weight" for i in (1, 3, 5, 7)]  # 32 -> n_kv_head on value-embed layers
+    assert sum(sizes.pop(n) for n in gates) == 4 * 32 * 4
+    assert sizes.pop("resid_lambdas") + sizes.pop("x0_lambdas") == 16
+    assert set(sizes) == {"transformer.wte.weight", "lm_head.weight"} | {f"value_embeds.{i}.weight" for i in (1, 3, 5, 7)}
+
+
+def test_default_windows_and_flops_per_token(tr):
+    model = default_model(tr)
+    assert model.window_sizes == [1024, 1024, 1024, 2048, 1024, 1024, 1024, 2048]
+    matmul_params = 50_332_176 - 4_194_304 - 16_777_216 - 16  # all but the embedding tables and the scalars
+    attention = 12 * 4 * 128 * (6 * 1024 + 2 * 2048)  # 12 x n_head x head_dim x min(window, T), per layer
+    assert model.estimate_flops() == 6 * matmul_params + attention == 239_078_400
+
+
+def test_window_pattern_keeps_the_last_layer_full(tr):
+    config = tr.GPTConfig(sequence_len=256, vocab_size=64, n_layer=3, n_head=1, n_kv_head=1, n_embd=32, window_pattern="S")
+    assert tr.window_sizes(config) == [128, 128, 256]
+
+
+def test_optimizer_groups(tr):
+    model = default_model(tr)
+    opt = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, weight_decay=0.2,
+                                adam_betas=(0.8, 0.95), scalar_lr=0.5)
+    s = (512 / 768) ** -0.5
+    adamw = [g for g in opt.param_groups if g["kind"] == "adamw"]
+    assert [g["params"] for g in adamw] == [[model.lm_head.weight], [model.transformer.wte.weight],
+                                            list(model.value_embeds.parameters()), [model.resid_lambdas], [model.x0_lambdas]]
+    assert [g["lr"] for g in adamw] == pytest.approx([0.004 * s, 0.6 * s, 0.6 * s, 0.005, 0.5])
+    assert [g["betas"] for g in adamw] == [(0.8, 0.95)] * 4 + [(0.96, 0.95)]
+    assert all(g["eps"] == 1e-10 and g["weight_decay"] == 0.0 for g in adamw)
+    muon = [g for g in opt.param_groups if g["kind"] == "muon"]
+    shapes = {tuple(g["params"][0].shape): len(g["params"]) for g in muon}
+    assert shapes == {(512, 512): 32, (2048, 512): 8, (512, 2048): 8, (4, 32): 4}
+    assert all(g["lr"] == 0.04 and g["momentum"] == 0.95 and g["weight_decay"] == 0.2 for g in muon)
+    assert all(g["initial_lr"] == g["lr"] for g in opt.param_groups)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+# ---------------------------------------------------------------------------
+# Optimizer: AdamW against torch.optim.AdamW, Muon against a plain per-matrix rewrite of SPEC
+
+
+@pytest.mark.parametrize("betas", [(0.8, 0.95), (0.96, 0.95)])
+def test_adamw_matches_torch_optim_adamw(tr, betas):
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(64, 32, generator=gen)
+    ours, ref = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt = tr.MuonAdamW([dict(kind="adamw", params=[ours], lr=0.01, betas=betas, eps=1e-10, weight_decay=0.1)])
+    ref_opt = torch.optim.AdamW([ref], lr=0.01, betas=betas, eps=1e-10, weight_decay=0.1)
+    for step in range(6):
+        grad = torch.randn(64, 32, generator=gen)
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        for o in (opt, ref_opt):
+            o.param_groups[0]["lr"] = 0.01 * (1 - step / 6)  # a schedule, as in training
+        opt.step()
+        ref_opt.step()
+        torch.testing.assert_close(ours.data, ref.data, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ours.data, start)
+
+
+@pytest.mark.parametrize("shape", [(3, 256, 64), (3, 64, 256), (2, 4, 32)])
+def test_polar_express_leaves_singular_values_near_one(tr, shape):
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    X = tr.polar_express(G)
+    assert X.dtype == torch.bfloat16
+    sv = torch.linalg.svdvals(X.float())
+    assert sv.min() > 0.7 and sv.max() < 1.2, (sv.min(), sv.max())
+
+
+def reference_muon(p, g, buf, second, lr, momentum, wd, beta2, polar_express):
+    """SPEC section 3's four Muon steps for one matrix, written out plainly."""
+    buf = buf + (1 - momentum) * (g - buf)  # Nesterov: buf <- lerp(buf, g, 1 - mu), g <- lerp(g, buf, mu)
+    g = g + momentum * (buf - g)
+    X = polar_express(g).float()
+    rows, cols = X.shape
+    dim = 1 if rows >= cols else 0  # NorMuon: per-row (tall or square) or per-column (wide) mean of squares
+    second = beta2 * second + (1 - beta2) * X.square().mean(dim=dim, keepdim=True)
+    U = X / second.clamp_min(1e-10).sqrt()
+    U = U * (X.norm() / U.norm())
+    lr = lr * max(1.0, rows / cols) ** 0.5
+    p = p - lr * U - lr * wd * p * (U * p >= 0).float()  # cautious weight decay
+    return p, buf, second
+
+
+def make_muon(tr, shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    groups, params = [], []
+    for shape, n in shapes:
+        ps = [torch.nn.Parameter(0.1 * torch.randn(shape, generator=gen)) for _ in range(n)]
+        groups.append(dict(kind="muon", params=ps, lr=0.02, momentum=0.95, beta2=0.95, weight_decay=0.2))
+        params += ps
+    return params, tr.MuonAdamW(groups)
+
+
+def muon_steps(tr, opt, params, steps, seed=1):
+    """Several steps with fresh gradients and hyperparameters that change every step, as the schedules do."""
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        for group in opt.param_groups:
+            group["lr"] = 0.02 * (1 - step / steps)
+            if group["kind"] == "muon":
+                group["momentum"] = 0.85 + 0.02 * step
+                group["weight_decay"] = 0.2 * (1 - step / steps)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def test_muon_matches_plain_reference(tr):
+    shapes = [((48, 16), 2), ((16, 48), 2), ((24, 24), 1)]
+    params, opt = make_muon(tr, shapes)
+    refs = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in refs]
+    seconds = [torch.zeros(p.shape[0], 1) if p.shape[0] >= p.shape[1] else torch.zeros(1, p.shape[1]) for p in refs]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        lr, momentum, wd = 0.02 * (1 - step / 4), 0.85 + 0.02 * step, 0.2 * (1 - step / 4)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        for group in opt.param_groups:
+            group.update(lr=lr, momentum=momentum, weight_decay=wd)
+        opt.step()
+        for i, g in enumerate(grads):
+            refs[i], bufs[i], seconds[i] = reference_muon(refs[i], g, bufs[i], seconds[i], lr, momentum, wd, 0.95,
+                                                          tr.polar_express)
+        for p, ref in zip(params, refs):
+            torch.testing.assert_close(p.data, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_step_is_deterministic(tr):
+    shapes = [((64, 32), 3), ((32, 64), 2)]
+    runs = []
+    for _ in range(2):
+        params, opt = make_muon(tr, shapes)
+        runs.append(muon_steps(tr, opt, params, steps=3))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert all(torch.isfinite(a).all() for a in runs[0])
+
+
+def test_changing_hyperparameters_does_not_recompile(tr):
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    params, opt = make_muon(tr, [((64, 32), 3), ((32, 64), 2)])
+    extra = torch.nn.Parameter(torch.randn(16, 8))
+    opt.add_param_group(dict(kind="adamw", params=[extra], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0))
+    compile = lambda f: torch.compile(f, backend=counter, dynamic=False, fullgraph=True)  # as train.py does on the GPU
+    opt.adamw_step, opt.muon_step = compile(tr.adamw_step), compile(tr.muon_step)
+    muon_steps(tr, opt, params + [extra], steps=5)
+    assert counter.frame_count == 3  # one graph per distinct shape (2 Muon, 1 AdamW), none per new lr/momentum/wd/step
+    torch._dynamo.reset()
+
+# ---------------------------------------------------------------------------
+# Attention: the PyTorch fallback against an explicit masked softmax
+
+
+def reference_attention(q, k, v, window):
+    """(B, T, H, D): query i attends to keys i - window ... i."""
+    T, D = q.size(1), q.size(-1)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / D**0.5
+    i = torch.arange(T, device=q.device)
+    allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] <= window)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def check_attention(tr, window, T, device, atol):
+    gen = torch.Generator().manual_seed(window)
+    q, k, v, dy = (torch.randn(2, T, 3, 16, generator=gen).to(device) for _ in range(4))
+    grads = []
+    for fn in (tr.attention, reference_attention):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        y = fn(*leaves, window)
+        y.backward(dy)
+        grads.append((y.detach(), *(t.grad for t in leaves)))
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", [64, 63, 16, 1, 0])
+def test_fallback_attention_matches_masked_softmax(tr, window):
+    assert tr.fa3 is None
+    check_attention(tr, window, T=64, device="cpu", atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("window", [256, 128, 100])
+def test_flex_attention_matches_masked_softmax_on_gpu(tr, window):
+    check_attention(tr, window, T=256, device="cuda", atol=1e-3)
+
+
+def test_tiny_model_is_causal_and_learns(tr):
+    """A few CPU steps on a repeated batch: logits (B, T, V) that ignore the future, and a falling loss."""
+    torch.manual_seed(0)
+    config = tr.GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, window_pattern="SL")
+    model = tr.GPT(config)
+    model.init_weights()
+    opt = model.setup_optimizer(0.004, 0.6, 0.04, 0.2, (0.8, 0.95), 0.5)
+    x = torch.randint(0, 64, (4, 32))
+    y = torch.roll(x, -1, dims=1)
+    losses = []
+    for _ in range(10):
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    logits = model(x)
+    assert logits.shape == (4, 32, 64) and logits.dtype == torch.float32 and logits.abs().max() <= 15
+    probe = x.clone()
+    probe[:, 20:] = (probe[:, 20:] + 1) % 64
+    assert torch.allclose(model(probe)[:, :20], logits[:, :20], atol=1e-5)
+
+# ---------------------------------------------------------------------------
+# The script itself: fast fail, and an end-to-end toy run (subprocesses against the tiny cache)
+
+
+def test_nan_loss_prints_fail_and_exits_1(tmp_path, tiny_cache, harness):
+    shrink = f"import prepare\nprepare.MAX_SEQ_LEN = MAX_SEQ_LEN = {harness.MAX_SEQ_LEN}\n"
+    path = toy_copy(tmp_path, shrink, **TOY, MATRIX_LR='float("nan")')  # a bad edit: every update is NaN
+    code, log = run_script(path, tiny_cache, tmp_path / "run.log")
+    text = log.decode()
+    assert code == 1, text[-2000:]
+    assert text.splitlines()[-1] == "FAIL"
+    assert "loss nan at step 1" in text and "val_bpb" not in text
+
+
+def test_toy_run_end_to_end(tmp_path, tiny_cache, harness):
+    T, eval_tokens, budget = harness.MAX_SEQ_LEN, harness.EVAL_TOKENS, 8
+    shrink = (f"import prepare  # test copy: harness constants shrunk in-process\n"
+              f"prepare.MAX_SEQ_LEN = MAX_SEQ_LEN = {T}\nprepare.EVAL_TOKENS = {eval_tokens}\nTIME_BUDGET = {budget}\n")
+    path = toy_copy(tmp_path, shrink, **TOY)
+    code, log = run_script(path, tiny_cache, tmp_path / "run.log")
+    text = log.decode()
+    assert code == 0, text[-3000:]
+    assert b"\r" not in log  # redirected: ordinary lines, no in-place progress line
+    lines = text.splitlines()
+    assert lines[0].startswith("device: cpu") and lines[1].startswith("attention: ")
+    assert any(line.startswith("step 00000 ") for line in lines)
+
+    # The summary block, exactly as in SPEC: `---`, then 9 keys padded to one column, fixed decimals
+    formats = [("val_bpb", r"\d+\.\d{6}"), ("training_seconds", r"\d+\.\d"), ("total_seconds", r"\d+\.\d"),
+               ("peak_vram_mb", r"\d+\.\d"), ("mfu_percent", r"\d+\.\d\d|unknown"), ("total_tokens_M", r"\d+\.\d"),
+               ("num_steps", r"\d+"), ("num_params_M", r"\d+\.\d"), ("depth", r"\d+")]
+    assert lines[-10] == "---"
+    summary = {}
+    for line, (key, fmt) in zip(lines[-9:], formats):
+        assert re.fullmatch(rf"{key}:\s+({fmt})", line) and line.index(line.split()[1]) == 18, line
+        summary[key] = line.split()[1]
+    assert summary["depth"] == "2" and summary["mfu_percent"] == "unknown" and summary["peak_vram_mb"] == "0.0"
+    steps = int(summary["num_steps"])
+    assert steps >= 12 and float(summary["training_seconds"]) >= budget
+    assert float(summary["total_tokens_M"]) == pytest.approx(round(steps * 8 * T * 2 / 1e6, 1))
+
+    # program.md's grep finds it, and the model beats the uniform distribution's bits per byte
+    grep = subprocess.run(["grep", "^val_bpb:", str(tmp_path / "run.log")], capture_output=True, text=True)
+    val_bpb = float(grep.stdout.split()[1])
+    tokenizer = harness.Tokenizer.from_directory()
+
+    class Uniform(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return torch.zeros(*x.shape, tokenizer.get_vocab_size())
+
+    uniform_bpb = harness.evaluate_bpb(Uniform(), tokenizer, 8)
+    assert val_bpb < 0.95 * uniform_bpb, (val_bpb, uniform_bpb)
