@@ -451,9 +451,6 @@ num_flops_per_token = model.estimate_flops()
 print(f"model: {config}")
 print(f"parameters: {num_params:,} | FLOPs per token: {num_flops_per_token:.4e} | windows: {model.window_sizes}")
 
-tokens_per_micro_step = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
-assert TOTAL_BATCH_SIZE % tokens_per_micro_step == 0, f"TOTAL_BATCH_SIZE: not a multiple of {tokens_per_micro_step}"
-grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
 optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
                                   weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
 if device.type == "cuda":
@@ -462,6 +459,29 @@ if device.type == "cuda":
             if window < MAX_SEQ_LEN - 1:
                 sliding_window_mask(window, MAX_SEQ_LEN, device)
     model = torch.compile(model, dynamic=False)
+
+# Fit the GPU: halve DEVICE_BATCH_SIZE until a micro-step fits in memory. TOTAL_BATCH_SIZE stays, so more
+# gradient accumulation makes up for it: the same optimisation, only slower. (On the GPU this also compiles.)
+while True:
+    try:
+        x = torch.zeros(DEVICE_BATCH_SIZE, MAX_SEQ_LEN, dtype=torch.long, device=device)
+        with autocast_ctx:
+            model(x, x).backward()
+        break
+    except torch.OutOfMemoryError:
+        if DEVICE_BATCH_SIZE == 1:
+            raise
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":  # free the failed attempt, and forget its peak
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    print(f"DEVICE_BATCH_SIZE = {DEVICE_BATCH_SIZE} runs out of GPU memory: using {DEVICE_BATCH_SIZE // 2} "
+          f"(set it in train.py to skip this search)")
+    DEVICE_BATCH_SIZE //= 2
+model.zero_grad(set_to_none=True)
+tokens_per_micro_step = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
+assert TOTAL_BATCH_SIZE % tokens_per_micro_step == 0, f"TOTAL_BATCH_SIZE: not a multiple of {tokens_per_micro_step}"
+grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
 
 train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
 x, y, epoch = next(train_loader)  # prefetch the first batch
@@ -499,6 +519,8 @@ def sync():
 
 interactive = sys.stdout.isatty()  # a terminal gets one line rewritten in place; a log file gets a line every 5 s
 last_print = 0.0
+t_loop = time.time()
+warmup_seconds = 0.0
 training_seconds = 0.0
 smooth_loss = 0.0
 step = 0
@@ -530,6 +552,8 @@ while True:
     dt = time.time() - t0
     if step > 10:  # the first 11 steps compile and warm up: not timed
         training_seconds += dt
+    else:
+        warmup_seconds += dt
     done = step > 10 and training_seconds >= TIME_BUDGET
 
     smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss_f
@@ -561,8 +585,11 @@ if interactive:
 # Evaluation: the fixed metric from prepare.py
 
 model.eval()
+t_eval = time.time()
 with autocast_ctx:
     val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+print(f"overhead: {t_loop - t_start:.1f}s start-up, {warmup_seconds:.1f}s in the 11 untimed warm-up steps, "
+      f"{time.time() - t_eval:.1f}s evaluation")
 
 # ---------------------------------------------------------------------------
 # Summary (program.md greps these lines: keep the keys, order and format)

@@ -361,3 +361,54 @@ def test_toy_run_end_to_end(tmp_path, tiny_cache, harness):
 
     uniform_bpb = harness.evaluate_bpb(Uniform(), tokenizer, 8)
     assert val_bpb < 0.95 * uniform_bpb, (val_bpb, uniform_bpb)
+
+# ---------------------------------------------------------------------------
+# Fitting the GPU: a smaller device batch with more accumulation is the same optimisation
+
+
+def test_gradient_accumulation_gives_the_same_step(tr, harness):
+    tok = harness.Tokenizer.from_directory()
+    T, B = 64, 8
+    config = tr.GPTConfig(sequence_len=T, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                          n_embd=64, window_pattern="SL")
+    held_out = next(harness.make_dataloader(tok, B, T, "val", device="cpu"))
+
+    def loss_after_one_step(device_batch, split="train"):
+        torch.manual_seed(0)
+        model = tr.GPT(config)
+        model.init_weights()
+        optimizer = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, weight_decay=0.2,
+                                          adam_betas=(0.8, 0.95), scalar_lr=0.5)
+        loader = harness.make_dataloader(tok, device_batch, T, split, device="cpu")
+        accum = B // device_batch
+        for _ in range(accum):  # the loop of train.py: the loss of each micro-step scaled by 1 / accum
+            x, y, _ = next(loader)
+            (model(x, y) / accum).backward()
+        optimizer.step()
+        with torch.no_grad():
+            return model(held_out[0], held_out[1]).item()
+
+    full, quarter = loss_after_one_step(B), loss_after_one_step(B // 4)
+    other_data = loss_after_one_step(B, split="val")
+    assert quarter == pytest.approx(full, rel=1e-4)
+    assert abs(other_data - full) > 100 * abs(quarter - full)   # the comparison can tell steps apart
+
+
+def test_out_of_memory_halves_the_device_batch(tmp_path, tiny_cache, harness):
+    T = harness.MAX_SEQ_LEN
+    shrink = (f"import prepare\nprepare.MAX_SEQ_LEN = MAX_SEQ_LEN = {T}\nprepare.EVAL_TOKENS = {harness.EVAL_TOKENS}\n"
+              f"TIME_BUDGET = 2\n")
+    path = toy_copy(tmp_path, shrink, **TOY)
+    src = path.read_text()
+    forward = '    def forward(self, idx, targets=None, reduction="mean"):\n'
+    assert src.count(forward) == 1
+    # a GPU that holds at most 2 sequences per micro-step
+    path.write_text(src.replace(forward, forward + '        if idx.size(0) > 2:\n'
+                                '            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")\n'))
+    code, log = run_script(path, tiny_cache, tmp_path / "run.log")
+    text = log.decode()
+    assert code == 0, text[-3000:]
+    assert "DEVICE_BATCH_SIZE = 8 runs out of GPU memory: using 4" in text
+    assert "DEVICE_BATCH_SIZE = 4 runs out of GPU memory: using 2" in text
+    assert f"8 micro-steps of 2 x {T} tokens per step" in text   # TOTAL_BATCH_SIZE unchanged: 8 x 64 x 2
+    assert re.search(r"^val_bpb:\s+\d+\.\d{6}$", text, re.M)
