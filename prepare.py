@@ -4,6 +4,7 @@ One-time data preparation, and the runtime utilities that train.py imports.
     uv run prepare.py                      # default dataset: 10 training shards + validation
     uv run prepare.py --num-shards 50      # more training data (-1 = all 6,542 shards)
     uv run prepare.py --source DIR         # local parquet files with a `text` column, no download
+    uv run prepare.py --dataset NAME       # any Hugging Face text dataset (or a local directory of files)
 
 It downloads the data, trains the BPE tokenizer, and provides the tokenizer
 wrapper, the BOS-aligned dataloader and the fixed metric `val_bpb`.
@@ -19,12 +20,14 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
 import torch
@@ -49,14 +52,18 @@ TOKENIZER_MAX_CHARS = 1_000_000_000      # characters of training text in all
 TOKENIZER_BATCH = 128                    # documents tokenized together by the dataloader
 LOADER_BUFFER = 1000                     # tokenized documents kept for best-fit packing
 TOKEN_CACHE_SHARDS = 64                  # training shards tokenized at prepare time; later ones on the fly
+SHARD_DOCS = 100_000                     # --dataset: documents per shard written, at most
+SHARD_CHARS = 250_000_000                # --dataset: characters per shard, at most (long documents)
+ROW_GROUP_DOCS = 1024                    # --dataset: documents per parquet row group
+HOLDOUT_DOCS = 50_000                    # --dataset validation: its validation split, or else 1% of train held out,
+HOLDOUT_CHARS = 100_000_000              #   at most this many documents and characters
 
 DATASET_REPO = "karpathy/climbmix-400b-shuffle"
 MAX_SHARD = 6542                                  # shards are shard_00000 ... shard_06542
 VAL_FILENAME = f"shard_{MAX_SHARD:05d}.parquet"   # the last shard is pinned for validation
 
 CACHE_DIR = Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
-DATA_DIR = CACHE_DIR / "data"
-TOKENIZER_DIR = CACHE_DIR / "tokenizer"
+# DATA_DIR, TOKENIZER_DIR and DATASET follow the active dataset: see "The active dataset" below
 
 
 class HarnessError(SystemExit):
@@ -113,33 +120,93 @@ def list_shards(split, data_dir=None):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     if not names:
         what = "validation shard" if split == "val" else "training shards"
-        raise HarnessError(f"no {what} in {data_dir}: run `uv run prepare.py` (or `uv run prepare.py --source DIR`)")
+        raise HarnessError(f"no {what} in {data_dir}: run `uv run prepare.py` (or with --source DIR or --dataset NAME)")
     return [data_dir / n for n in names]
+
+# ---------------------------------------------------------------------------
+# The active dataset: the default one in CACHE_DIR, or a --dataset in CACHE_DIR/datasets/<slug>
+# ---------------------------------------------------------------------------
+
+
+def dataset_name(name):
+    """A local directory is named by its absolute path, as load_dataset would read it; anything else is a hub name."""
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
+def dataset_root(name):
+    """
+    Where a dataset's data/, tokenizer/ and tokens/ live: CACHE_DIR for the default one, else
+    CACHE_DIR/datasets/<slug>: 'owner/name' -> 'owner--name', a directory -> 'local--<its name>-<hash of its path>'.
+    """
+    if name == DATASET_REPO:
+        return CACHE_DIR
+    slug = f"local--{Path(name).name}-{hashlib.sha256(name.encode()).hexdigest()[:8]}" if os.path.isabs(name) else name
+    slug = re.sub(r"[^A-Za-z0-9._-]", "", slug.replace("/", "--"))
+    if not slug.strip("."):
+        raise HarnessError(f"{name!r} is not a dataset name")
+    return CACHE_DIR / "datasets" / slug
+
+
+def read_source(data_dir):
+    """Where a data directory's shards come from, in source.json beside it: {"dataset": name, ...}, or {}."""
+    try:
+        return json.loads(Path(data_dir).with_name("source.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_source(data_dir, **info):
+    _atomic_write(Path(data_dir).with_name("source.json"), lambda tmp: tmp.write_text(json.dumps(info)))
+
+
+def _claim(data_dir, name):
+    """A data directory holds shards of one source only: those of any other are deleted before it is filled."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if read_source(data_dir).get("dataset") != name:
+        for old in data_dir.glob("shard_*.parquet"):
+            old.unlink()
+        _write_source(data_dir, dataset=name)
+
+
+def configured_dataset():
+    """AUTORESEARCH_DATASET if set, else the pointer CACHE_DIR/dataset.txt from `prepare.py --dataset`, else the default."""
+    name = os.environ.get("AUTORESEARCH_DATASET", "").strip()
+    if not name:
+        try:
+            name = (CACHE_DIR / "dataset.txt").read_text().strip()
+        except OSError:
+            pass
+    return dataset_name(name) if name else DATASET_REPO
+
+
+DATA_DIR = dataset_root(configured_dataset()) / "data"
+TOKENIZER_DIR = DATA_DIR.parent / "tokenizer"
+DATASET = read_source(DATA_DIR).get("dataset") or configured_dataset()   # the active dataset's name, for train.py
 
 # ---------------------------------------------------------------------------
 # Data: download from the Hugging Face hub, or copy from a local directory
 # ---------------------------------------------------------------------------
 
 
-def _network_hint():
+def _network_hint(repo=DATASET_REPO):
     from huggingface_hub import constants
-    return (f"cannot download {DATASET_REPO} from {constants.ENDPOINT}: check the network, set HF_ENDPOINT to a "
+    return (f"cannot download {repo} from {constants.ENDPOINT}: check the network, set HF_ENDPOINT to a "
             f"reachable mirror (and HF_TOKEN if it needs one), or use local parquet files with "
             f"`uv run prepare.py --source DIR`")
 
 
-def _check_reachable(timeout=5.0):
+def _check_reachable(repo=DATASET_REPO, timeout=5.0):
     """Fail in seconds, not after the hub client's minute of retries, when the endpoint cannot be reached."""
     import socket
     from urllib.parse import urlsplit
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
-        raise HarnessError(f"{_network_hint()} (HF_HUB_OFFLINE is set and shards are missing)")
+        raise HarnessError(f"{_network_hint(repo)} (HF_HUB_OFFLINE is set and shards are missing)")
     url = urlsplit(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
     except OSError as e:
-        raise HarnessError(f"{_network_hint()} ({e})") from None
+        raise HarnessError(f"{_network_hint(repo)} ({e})") from None
 
 
 def _download_shard(name, data_dir):
@@ -177,19 +244,22 @@ def download_data(num_shards, workers, data_dir=None):
         orphan.unlink()   # left by a killed download; the hub client never resumes these
     n_train = MAX_SHARD if num_shards < 0 else min(num_shards, MAX_SHARD)
     wanted = [VAL_FILENAME] + [shard_name(i) for i in range(n_train)]
+    ours = read_source(data_dir).get("dataset") == DATASET_REPO   # else _claim deletes what is there
     missing = []
     for name in wanted:
         path = data_dir / name
-        if path.exists():
+        if ours and path.exists():
             try:
                 check_shard(path)
                 continue
             except HarnessError:
                 path.unlink()   # corrupt leftover: download it again
         missing.append(name)
+    if missing:
+        _check_reachable()   # before _claim: no network, nothing deleted
+    _claim(data_dir, DATASET_REPO)
     if not missing:
         return 0, len(wanted)
-    _check_reachable()
     disable_progress_bars()
     with tqdm(total=len(missing), desc="downloading shards", unit="shard", disable=None) as bar:   # bar on a terminal only
         _download_shard(missing[0], data_dir)   # one first, so that a dead network fails fast, once
@@ -213,7 +283,7 @@ def copy_source(source, data_dir=None):
     plan = {VAL_FILENAME: val, **{shard_name(i): f for i, f in enumerate(train)}}
     for src in plan.values():
         check_shard(src)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    _claim(data_dir, f"local:{source.resolve()}")
     for stale in data_dir.glob("shard_*.parquet"):
         if stale.name not in plan:
             stale.unlink()
@@ -225,6 +295,111 @@ def copy_source(source, data_dir=None):
         _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
         copied += 1
     return len(train), val.name, copied
+
+
+def _one_line(e):
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
+def _texts(rows, name, column):
+    """The non-empty strings of one column of a streamed split; a missing column fails naming those there are."""
+    if rows.column_names and column in rows.column_names:
+        rows = rows.select_columns([column])   # stream only the text
+    for row in rows:
+        if column not in row:
+            raise HarnessError(f"{name} has no column {column!r} (columns: {', '.join(row)}): "
+                               f"name its text column with --text-column COL")
+        if isinstance(row[column], str) and row[column]:
+            yield row[column]
+
+
+def _hold_out_last(docs, held):
+    """Yield all documents but the last 1% (at least 1, at most HOLDOUT_DOCS / _CHARS), which go into `held`."""
+    tail, chars, n = collections.deque(), 0, 0
+    for doc in docs:
+        tail.append(doc)
+        chars, n = chars + len(doc), n + 1
+        while len(tail) > 1 and (len(tail) > HOLDOUT_DOCS or chars > HOLDOUT_CHARS):
+            chars -= len(tail[0])
+            yield tail.popleft()
+    while len(tail) > max(1, n // 100):
+        yield tail.popleft()
+    held.extend(tail)
+
+
+def _chunks(docs, max_docs, max_chars):
+    """Lists of consecutive documents, each closed at max_docs documents or max_chars characters."""
+    chunk, chars = [], 0
+    for doc in docs:
+        chunk.append(doc)
+        chars += len(doc)
+        if len(chunk) >= max_docs or chars >= max_chars:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def _write_docs(path, docs):
+    table = pa.table({"text": pa.array(docs, pa.string())})
+    pq.write_table(table, path, row_group_size=ROW_GROUP_DOCS, compression="zstd")
+
+
+def convert_dataset(name, column="text", data_dir=None):
+    """
+    Stream a `datasets` dataset into shards: its validation split ("validation", "valid" or "test"; else the
+    last documents of train) becomes the pinned validation shard. Returns (source.json, whether converted now).
+    """
+    data_dir = Path(data_dir or DATA_DIR)
+    done = read_source(data_dir)
+    if (done.get("dataset"), done.get("text_column")) == (name, column):
+        return done, False
+    if not Path(name).is_dir():
+        _check_reachable(name)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)   # its errors reach the user in our one line
+    try:
+        splits = datasets.load_dataset(name, streaming=True)
+    except Exception as e:
+        raise HarnessError(f"cannot load dataset {name} ({_one_line(e)}): check the name; for the hub set HF_ENDPOINT "
+                           f"(and HF_TOKEN if it needs one), or use local parquet files with --source DIR") from None
+    train = "train" if "train" in splits else next(iter(splits)) if len(splits) == 1 else None
+    if train is None:
+        raise HarnessError(f"{name} has no 'train' split (splits: {', '.join(splits)})")
+    val = next((s for s in ("validation", "valid", "test") if s in splits and s != train), None)
+    staging = data_dir.with_name("data.partial")   # becomes data_dir once complete: a crash leaves nothing trusted
+    try:
+        val_docs = next(_chunks(_texts(splits[val], name, column), HOLDOUT_DOCS, HOLDOUT_CHARS), []) if val else []
+        docs = _texts(splits[train], name, column)
+        first = next(docs, None)   # a missing column or an empty dataset fails before anything is written
+        if first is None:
+            raise HarnessError(f"{name} has no documents in its {train!r} split (column {column!r})")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        docs = itertools.chain([first], docs)
+        if not val_docs:
+            val, docs = None, _hold_out_last(docs, val_docs)
+        n_shards = n_docs = 0
+        for n_shards, chunk in enumerate(_chunks(docs, SHARD_DOCS, SHARD_CHARS), 1):
+            _write_docs(staging / shard_name(n_shards - 1), chunk)
+            n_docs += len(chunk)
+    except Exception as e:
+        raise HarnessError(f"reading {name} failed ({_one_line(e)}); nothing was kept: fix the cause and "
+                           f"run the same command again") from None
+    if n_shards == 0:
+        shutil.rmtree(staging)
+        raise HarnessError(f"{name} has only {len(val_docs)} document(s): too few to train on")
+    _write_docs(staging / VAL_FILENAME, val_docs)
+    done = dict(dataset=name, text_column=column, train_shards=n_shards, train_docs=n_docs,
+                validation=f"split {val!r}" if val else f"last {len(val_docs)} documents of {train!r}",
+                validation_docs=len(val_docs))
+    data_dir.with_name("source.json").unlink(missing_ok=True)
+    shutil.rmtree(data_dir, ignore_errors=True)   # shards of an older conversion are never mixed with these
+    os.replace(staging, data_dir)
+    _write_source(data_dir, **done)   # written last: marks completion
+    return done, True
 
 # ---------------------------------------------------------------------------
 # Tokenizer: BPE trained with rustbpe, run with tiktoken
@@ -246,7 +421,9 @@ def _tokenizer_training_text(paths):
 
 
 def _data_fingerprint(paths):
-    return [[p.name, p.stat().st_size] for p in paths]
+    """What the tokenizer depends on: the settings, the source and its shards. Any change means training again."""
+    settings = [VOCAB_SIZE, SPLIT_PATTERN, TOKENIZER_MAX_DOC_CHARS, TOKENIZER_MAX_CHARS]
+    return settings + [read_source(paths[0].parent).get("dataset")] + [[p.name, p.stat().st_size] for p in paths]
 
 
 def train_tokenizer(data_dir=None, tokenizer_dir=None):
@@ -346,8 +523,8 @@ def get_token_bytes(device="cpu", tokenizer_dir=None):
 
 
 def _tokens_dir(tokenizer):
-    """Token files depend on the tokenizer: each tokenizer gets a directory of its own."""
-    return CACHE_DIR / "tokens" / tokenizer.id if tokenizer.id else None
+    """Token files sit next to the data they come from, and depend on the tokenizer: one directory per tokenizer."""
+    return Path(DATA_DIR).parent / "tokens" / tokenizer.id if tokenizer.id else None
 
 
 def tokenize_shard(path, tokenizer):
@@ -577,14 +754,30 @@ def evaluate_bpb(model, tokenizer, batch_size):
 
 
 def main(argv=None):
+    global DATA_DIR, TOKENIZER_DIR, DATASET
     parser = argparse.ArgumentParser(description="Download the data and train the tokenizer (run once).")
     parser.add_argument("--num-shards", type=int, default=10, help="training shards to download, -1 = all (default 10)")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads (default 8)")
-    parser.add_argument("--source", metavar="DIR", help="use local parquet files with a `text` column instead of downloading")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--source", metavar="DIR", help="use local parquet files with a `text` column instead of downloading")
+    source.add_argument("--dataset", metavar="NAME", help="convert a Hugging Face dataset (or a local directory "
+                        "that datasets.load_dataset reads) into a cache of its own, and make it the active one")
+    parser.add_argument("--text-column", metavar="COL", help="the text column of --dataset (default: text)")
     args = parser.parse_args(argv)
+    if args.text_column and not args.dataset:
+        parser.error("--text-column goes with --dataset")
+    name = dataset_name(args.dataset) if args.dataset else None
+    if name == DATASET_REPO:
+        raise HarnessError(f"{name} is the default dataset: run `uv run prepare.py` to download it")
+    root = dataset_root(name or DATASET_REPO)   # this command fills this directory, whatever is active now
+    DATA_DIR, TOKENIZER_DIR = root / "data", root / "tokenizer"
     t0 = time.time()
     print(f"cache: {CACHE_DIR}")
-    if args.source:
+    if args.dataset:
+        done, converted = convert_dataset(name, args.text_column or "text")
+        print(f"data: {done['train_shards']} training shards ({done['train_docs']:,} documents) + validation "
+              f"({done['validation']}), {'converted' if converted else 'already'} in {DATA_DIR}")
+    elif args.source:
         n_train, val_name, copied = copy_source(args.source)
         print(f"data: {n_train} training shards + validation ({val_name}) from {args.source}, "
               f"{copied} copied into {DATA_DIR}")
@@ -602,7 +795,14 @@ def main(argv=None):
     validation_rows(tokenizer, MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN)
     print(f"tokens: {written} shards tokenized into {_tokens_dir(tokenizer)} in {time.time() - t1:.1f}s, "
           f"validation rows packed")
-    print(f"done in {time.time() - t0:.1f}s: now run `uv run train.py`")
+    if name:   # the pointer that makes this dataset the active one for train.py
+        _atomic_write(CACHE_DIR / "dataset.txt", lambda tmp: tmp.write_text(name + "\n"))
+    else:
+        (CACHE_DIR / "dataset.txt").unlink(missing_ok=True)
+    DATASET = read_source(DATA_DIR)["dataset"]
+    print(f"done in {time.time() - t0:.1f}s: dataset {DATASET} is active, now run `uv run train.py`")
+    if dataset_root(configured_dataset()) != root:
+        print(f"note: AUTORESEARCH_DATASET={os.environ['AUTORESEARCH_DATASET']} is set and overrides this for train.py")
 
 
 if __name__ == "__main__":

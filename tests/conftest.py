@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+os.environ.pop("AUTORESEARCH_DATASET", None)   # a developer's choice of data must not leak into the tests
 
 
 def make_documents(n_docs, seed):

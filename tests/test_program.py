@@ -59,6 +59,7 @@ class Agent:
         self.repo, self.env = repo, env
         self.blocks = code_blocks((repo / "program.md").read_text())
         self.B = self.M = None
+        self.dataset = None
 
     def block(self, *needles, start=""):
         found = [b for b in self.blocks if b.startswith(start) and all(n in b for n in needles)]
@@ -74,6 +75,7 @@ class Agent:
     def setup(self):
         self.sh(self.block("git checkout -b autoresearch/<tag>"))
         self.sh(self.block("ls ", "/data", "/tokenizer"))
+        self.dataset = self.sh(self.block("print(prepare.DATASET)")).stdout.strip()
         self.sh(self.block("printf 'commit"))
         template = self.block("# Notes: autoresearch/<tag>")   # its headings, without the example entries
         (self.repo / "notes.md").write_text("".join(line + "\n" for line in template.splitlines()
@@ -85,10 +87,11 @@ class Agent:
         if seed is not None:
             command = next(line for line in self.block("SEED=1", "SEED=2").splitlines() if line.startswith(f"SEED={seed}"))
         code = int(re.search(r"exit code: (\d+)", self.sh(command.replace("timeout 600", f"timeout {TIME_LIMIT}")).stdout)[1])
-        found = dict(line.split(":") for line in self.sh(self.block('grep "^val_bpb:'), check=False).stdout.splitlines())
+        found = dict(line.split(":", 1) for line in self.sh(self.block('grep "^val_bpb:'), check=False).stdout.splitlines())
         if code != 0 or "val_bpb" not in found:
             assert self.sh(self.block("tail -n 50 run.log")).stdout.count("\n") <= 50
             return code, None, 0.0
+        assert found["dataset"].strip() == self.dataset   # the data never changed under the night
         return code, float(found["val_bpb"]), float(found["peak_vram_mb"]) / 1024
 
     def log(self, val_bpb, memory_gb, status, description):
@@ -106,8 +109,9 @@ class Agent:
     def write_notes(self, best, line_for=None):
         """Keep notes.md in the template's sections; replace the Noise and Best lines, add one bullet."""
         text = (self.repo / "notes.md").read_text()
-        text = re.sub(r"(## Noise\n)(.*?\n)?", lambda m: f"{m[1]}B = {self.B:.6f} (current best), M = {self.M:.6f} (baseline, seeds 42/1/2)\n", text)
-        text = re.sub(r"(## Best\n)(.*?\n)?", lambda m: f"{m[1]}{best}\n", text)
+        text = re.sub(r"(## Noise\n).*?(?=## Best)", lambda m: f"{m[1]}B = {self.B:.6f} (current best), "
+                      f"M = {self.M:.6f} (baseline, seeds 42/1/2)\ndataset: {self.dataset}\n\n", text, flags=re.S)
+        text = re.sub(r"(## Best\n).*?(?=## Worked)", lambda m: f"{m[1]}{best}\n\n", text, flags=re.S)
         if line_for:
             section, bullet = line_for
             text = re.sub(rf"(## {section}[^\n]*\n)", lambda m: f"{m[1]}- {bullet}\n", text)
@@ -158,8 +162,8 @@ class Agent:
     def resume(self):
         """A fresh agent: no setup, no baseline; B and M come back from notes.md."""
         shown = self.sh(self.block("cat notes.md", "tail -n 30 results.tsv", "git log --oneline -20")).stdout
-        noise = re.search(r"B = ([\d.]+) \(current best\), M = ([\d.]+)", shown)
-        self.B, self.M = float(noise[1]), float(noise[2])
+        noise = re.search(r"B = ([\d.]+) \(current best\), M = ([\d.]+).*\ndataset: (.*)\n", shown)
+        self.B, self.M, self.dataset = float(noise[1]), float(noise[2]), noise[3]
 
 
 def make_repo(directory, cache):

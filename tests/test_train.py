@@ -332,16 +332,17 @@ def test_toy_run_end_to_end(tmp_path, tiny_cache, harness):
     assert lines[0].startswith("device: cpu") and lines[1].startswith("attention: ")
     assert any(line.startswith("step 00000 ") for line in lines)
 
-    # The summary block, exactly as in SPEC: `---`, then 9 keys padded to one column, fixed decimals
+    # The summary block: `---`, then SPEC's 9 keys and our `dataset` padded to one column, fixed decimals
     formats = [("val_bpb", r"\d+\.\d{6}"), ("training_seconds", r"\d+\.\d"), ("total_seconds", r"\d+\.\d"),
                ("peak_vram_mb", r"\d+\.\d"), ("mfu_percent", r"\d+\.\d\d|unknown"), ("total_tokens_M", r"\d+\.\d"),
-               ("num_steps", r"\d+"), ("num_params_M", r"\d+\.\d"), ("depth", r"\d+")]
-    assert lines[-10] == "---"
+               ("num_steps", r"\d+"), ("num_params_M", r"\d+\.\d"), ("depth", r"\d+"), ("dataset", r"\S+")]
+    assert lines[-11] == "---"
     summary = {}
-    for line, (key, fmt) in zip(lines[-9:], formats):
+    for line, (key, fmt) in zip(lines[-10:], formats):
         assert re.fullmatch(rf"{key}:\s+({fmt})", line) and line.index(line.split()[1]) == 18, line
         summary[key] = line.split()[1]
     assert summary["depth"] == "2" and summary["mfu_percent"] == "unknown" and summary["peak_vram_mb"] == "0.0"
+    assert summary["dataset"] == "local:" + str(tiny_cache.parent / "corpus")   # the tiny cache came from --source
     steps = int(summary["num_steps"])
     assert steps >= 12 and float(summary["training_seconds"]) >= budget
     assert float(summary["total_tokens_M"]) == pytest.approx(round(steps * 8 * T * 2 / 1e6, 1))

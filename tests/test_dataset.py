@@ -1,0 +1,213 @@
+"""`uv run prepare.py --dataset NAME`: a `datasets` text dataset in a cache of its own; offline, from local directories."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, make_corpus, make_documents, run_prepare
+from hf_server import serve
+
+
+def offline_env(tmp_path, **extra):
+    """Nothing from ~/.cache, the hub or the user's own choice of dataset."""
+    return {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "AUTORESEARCH_DATASET": "", **extra}
+
+
+def active(cache, tmp_path, **env):
+    """DATASET, DATA_DIR and TOKENIZER_DIR as a fresh `import prepare` (train.py's view) resolves them."""
+    code = "import json, prepare as p; print(json.dumps([p.DATASET, str(p.DATA_DIR), str(p.TOKENIZER_DIR)]))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, **offline_env(tmp_path, **env), "AUTORESEARCH_CACHE": str(cache)})
+    return json.loads(out.stdout)
+
+
+def root_of(cache, directory):
+    """The cache directory of a local dataset directory: datasets/local--<its name>-<hash of its path>."""
+    return cache / "datasets" / f"local--{directory.name}-{hashlib.sha256(str(directory).encode()).hexdigest()[:8]}"
+
+
+def texts(path):
+    return pq.read_table(path).column("text").to_pylist()
+
+
+def files(directory):
+    """Every file under a directory with a hash of its contents."""
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory):
+    """A dataset directory as the hub would have it: train.jsonl and validation.jsonl, extra columns, empty texts."""
+    directory = tmp_path_factory.mktemp("datasets") / "stories"
+    directory.mkdir()
+    docs = make_documents(1700, seed=7)
+    rows = [{"text": d, "id": i} for i, d in enumerate(docs[:1500])] + [{"text": "", "id": -1}, {"text": None, "id": 0}]
+    (directory / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "validation.jsonl").write_text("".join(json.dumps({"text": d, "id": 0}) + "\n" for d in docs[1500:]))
+    return directory, docs[:1500], docs[1500:]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, stories):
+    """A cache with the default directory filled by --source, then the stories dataset prepared and active."""
+    base = tmp_path_factory.mktemp("dataset_cache")
+    corpus, cache = make_corpus(base / "corpus"), base / "cache"
+    first = run_prepare(cache, "--source", str(corpus), env=offline_env(base))
+    assert first.returncode == 0, first.stderr
+    default_files = files(cache)
+    result = run_prepare(cache, "--dataset", str(stories[0]), env=offline_env(base))
+    assert result.returncode == 0, result.stderr
+    return base, corpus, cache, default_files, result
+
+
+def test_dataset_is_converted_into_a_cache_of_its_own_and_made_active(built, stories, tmp_path):
+    base, corpus, cache, default_files, result = built
+    directory, train_docs, val_docs = stories
+    root = root_of(cache, directory)
+    data = root / "data"
+    assert sorted(p.name for p in data.glob("*.parquet")) == ["shard_00000.parquet", "shard_06542.parquet"]
+    assert texts(data / "shard_06542.parquet") == val_docs   # the dataset's own validation split, pinned
+    assert texts(data / "shard_00000.parquet") == train_docs   # in order; empty and None texts skipped
+    assert not set(train_docs) & set(val_docs)
+    assert pq.ParquetFile(data / "shard_00000.parquet").metadata.row_group(0).num_rows == 1024
+    assert json.loads((root / "source.json").read_text())["dataset"] == str(directory)
+    assert (root / "tokenizer" / "tokenizer.json").exists() and list((root / "tokens").glob("*/*.tokens.npy"))
+    assert (cache / "dataset.txt").read_text().strip() == str(directory)
+    assert active(cache, tmp_path) == [str(directory), str(data), str(root / "tokenizer")]
+    assert "1 training shards (1,500 documents)" in result.stdout and f"dataset {directory} is active" in result.stdout
+    # the default cache is untouched and shares no file with the dataset's
+    after = files(cache)
+    assert {p: h for p, h in after.items() if p in default_files} == default_files
+    assert not [p for p in after if p not in default_files and root not in p.parents and p.name != "dataset.txt"]
+    again = run_prepare(cache, "--dataset", str(directory), env=offline_env(base))
+    assert again.returncode == 0, again.stderr
+    assert "already in" in again.stdout and "tokenizer: up to date" in again.stdout and files(cache) == after
+
+
+def test_source_makes_the_default_active_again_and_the_variable_overrides(built, stories, tmp_path):
+    corpus, directory = built[1], stories[0]
+    cache = shutil.copytree(built[2], tmp_path / "cache")
+    dataset_files = files(cache / "datasets")
+    result = run_prepare(cache, "--source", str(corpus), env=offline_env(tmp_path, AUTORESEARCH_DATASET=str(directory)))
+    assert result.returncode == 0, result.stderr
+    assert "AUTORESEARCH_DATASET" in result.stdout and "overrides this for train.py" in result.stdout
+    assert not (cache / "dataset.txt").exists() and files(cache / "datasets") == dataset_files
+    assert active(cache, tmp_path) == [f"local:{corpus}", str(cache / "data"), str(cache / "tokenizer")]
+    dataset, data_dir, _ = active(cache, tmp_path, AUTORESEARCH_DATASET=str(directory))
+    assert dataset == str(directory) and data_dir.startswith(str(cache / "datasets" / "local--stories-"))
+    assert active(cache, tmp_path, AUTORESEARCH_DATASET="karpathy/climbmix-400b-shuffle")[1] == str(cache / "data")
+
+
+def test_train_only_dataset_holds_out_its_last_documents(tmp_path):
+    directory = tmp_path / "tales"
+    directory.mkdir()
+    docs = make_documents(2000, seed=3)
+    pq.write_table(pa.table({"story": docs[:1200], "n": list(range(1200))}), directory / "part-0.parquet")
+    pq.write_table(pa.table({"story": docs[1200:], "n": list(range(800))}), directory / "part-1.parquet")
+    root = root_of(tmp_path / "cache", directory)
+    make_corpus(root / "data.partial", n_train_shards=1, docs_per_shard=10)   # left by a conversion cut short
+    result = run_prepare(tmp_path / "cache", "--dataset", str(directory), "--text-column", "story",
+                         env=offline_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["data", "source.json", "tokenizer", "tokens"]
+    data = root / "data"
+    assert texts(data / "shard_06542.parquet") == docs[-20:]   # the last 1%
+    assert texts(data / "shard_00000.parquet") == docs[:-20]   # never in a training shard
+    assert not set(docs[-20:]) & set(docs[:-20])
+    assert "last 20 documents of 'train'" in result.stdout
+    assert active(tmp_path / "cache", tmp_path)[:2] == [str(directory), str(data)]
+
+
+def test_missing_text_column_fails_with_one_line_and_leaves_nothing(tmp_path):
+    directory = tmp_path / "tales"
+    directory.mkdir()
+    pq.write_table(pa.table({"story": make_documents(50, seed=1), "n": list(range(50))}), directory / "x.parquet")
+    result = run_prepare(tmp_path / "cache", "--dataset", str(directory), env=offline_env(tmp_path))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no column 'text' (columns: story, n)" in lines[0] and "--text-column" in lines[0]
+    assert not (tmp_path / "cache" / "datasets").exists() and not (tmp_path / "cache" / "dataset.txt").exists()
+
+
+def test_unreachable_hub_dataset_fails_with_one_line_naming_the_ways_out(tmp_path):
+    result = run_prepare(tmp_path / "cache", "--dataset", "nobody/no-such-dataset", env=offline_env(tmp_path))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nobody/no-such-dataset" in lines[0]
+    assert "HF_ENDPOINT" in lines[0] and "HF_TOKEN" in lines[0] and "--source" in lines[0]
+    assert not (tmp_path / "cache" / "datasets").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "a/b", "--source", "x"], "not allowed with argument"),
+    (["--text-column", "story"], "--text-column goes with --dataset"),
+    (["--dataset", "karpathy/climbmix-400b-shuffle"], "is the default dataset: run `uv run prepare.py`"),
+])
+def test_conflicting_arguments_are_refused(monkeypatch, capsys, tmp_path, args, message):
+    import prepare
+    for name in ("CACHE_DIR", "DATA_DIR", "TOKENIZER_DIR"):   # restored after the test, whatever main() sets
+        monkeypatch.setattr(prepare, name, tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        prepare.main(args)
+    assert exit.value.code != 0 and message in capsys.readouterr().err + str(exit.value.code)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_directories_known_answers(monkeypatch, tmp_path):
+    import prepare
+    monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path)
+    assert prepare.dataset_root("karpathy/climbmix-400b-shuffle") == tmp_path
+    tinystories = tmp_path / "datasets" / "karpathy--tinystories-gpt4-clean"
+    assert prepare.dataset_root("karpathy/tinystories-gpt4-clean") == tinystories
+    digest = hashlib.sha256(b"/data/my stories").hexdigest()[:8]
+    assert prepare.dataset_root("/data/my stories") == tmp_path / "datasets" / f"local--mystories-{digest}"
+    (tmp_path / "x").mkdir()
+    monkeypatch.chdir(tmp_path / "x")
+    assert prepare.dataset_name("../x/") == str(tmp_path / "x")   # a directory: its absolute path
+    assert prepare.dataset_name("owner/name") == "owner/name"   # not a directory: a hub name
+    with pytest.raises(prepare.HarnessError, match="not a dataset name"):
+        prepare.dataset_root("..")
+
+
+def test_a_fill_from_another_source_replaces_the_shards_first(tmp_path):
+    """Download after --source: shards of the same names from the other source are never kept."""
+    local = make_corpus(tmp_path / "local", n_train_shards=2, docs_per_shard=400, seed=0)
+    remote = make_corpus(tmp_path / "remote", n_train_shards=2, docs_per_shard=400, seed=50)
+    cache = tmp_path / "cache"
+    assert run_prepare(cache, "--source", str(local), env=offline_env(tmp_path)).returncode == 0
+    with serve(remote) as hub:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1", AUTORESEARCH_DATASET="",
+                   NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", AUTORESEARCH_CACHE=str(cache))
+        result = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--num-shards", "2"], env=env,
+                                capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "3 shards downloaded" in result.stdout and "trained 8192 tokens" in result.stdout
+    for p in (cache / "data").glob("*.parquet"):
+        assert p.read_bytes() == (remote / p.name).read_bytes()
+    assert json.loads((cache / "source.json").read_text()) == {"dataset": "karpathy/climbmix-400b-shuffle"}
+
+
+def test_a_conversion_cut_short_leaves_nothing_trusted(tmp_path):
+    directory = tmp_path / "tales"
+    directory.mkdir()
+    docs = make_documents(1500, seed=5)
+    parts = ["".join(json.dumps({"text": d}) + "\n" for d in part) for part in (docs[:1200], docs[1200:])]
+    (directory / "part-0.jsonl").write_text(parts[0])
+    (directory / "part-1.jsonl").write_text(parts[1] + '{"text": "cut sh')   # a read error after 1,200 documents
+    cache = tmp_path / "cache"
+    result = run_prepare(cache, "--dataset", str(directory), env=offline_env(tmp_path))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "failed" in lines[0] and "run the same command again" in lines[0]
+    root = root_of(cache, directory)
+    assert (root / "data.partial").is_dir()   # what was written so far, under a name nothing reads
+    assert not (root / "data").exists() and not (root / "source.json").exists() and not (cache / "dataset.txt").exists()
