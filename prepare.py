@@ -30,11 +30,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
-import torch
-import torch.nn.functional as F
+
+# torch is imported inside the functions that train.py calls: preparing data does not need it,
+# and importing it takes seconds
 
 # ---------------------------------------------------------------------------
-# Constants (fixed, do not modify)
+# Constants (fixed, do not modify: the agent never does; a user may, once, before a night, see README)
 # ---------------------------------------------------------------------------
 
 MAX_SEQ_LEN = 2048              # context length, also the fixed eval sequence length
@@ -91,7 +92,10 @@ def _atomic_write(path, write):
 def _save_npy(path, array=None, **arrays):
     """np.save / np.savez to exactly `path` (given a name, numpy would append its own suffix)."""
     with open(path, "wb") as f:
-        np.save(f, array, allow_pickle=False) if array is not None else np.savez(f, **arrays)
+        if array is not None:
+            np.save(f, array, allow_pickle=False)
+        else:
+            np.savez(f, **arrays)
 
 
 def check_shard(path):
@@ -101,7 +105,7 @@ def check_shard(path):
     except Exception as e:
         raise HarnessError(f"{path} is not a readable parquet file ({type(e).__name__}: {e})") from None
     field = pf.schema_arrow.field("text") if "text" in pf.schema_arrow.names else None
-    if field is None or not (str(field.type) in ("string", "large_string")):
+    if field is None or str(field.type) not in ("string", "large_string"):
         raise HarnessError(f"{path} has no string column named 'text' (columns: {pf.schema_arrow.names})")
     if pf.metadata.num_rows == 0:
         raise HarnessError(f"{path} has no rows")
@@ -433,7 +437,7 @@ def train_tokenizer(data_dir=None, tokenizer_dir=None):
     paths = list_shards("train", data_dir)
     fingerprint = _data_fingerprint(paths)
     meta_path = tokenizer_dir / "tokenizer.json"
-    if meta_path.exists() and (tokenizer_dir / "token_bytes.pt").exists():
+    if meta_path.exists() and (tokenizer_dir / "token_bytes.npy").exists():
         try:
             if json.loads(meta_path.read_text()).get("data") == fingerprint:
                 return None
@@ -457,10 +461,10 @@ def train_tokenizer(data_dir=None, tokenizer_dir=None):
     text = "Hello world! Numbers 0, 12, 345 and 6789; punctuation?! (yes) -- tabs\tand\nnewlines. 你好，世界。 Ünïcödé ✓"
     if tokenizer.decode(tokenizer.encode(text)) != text:
         raise HarnessError("the trained tokenizer does not round-trip text: this is a bug, please report it")
-    token_bytes = torch.zeros(VOCAB_SIZE, dtype=torch.int32)   # special tokens stay 0: they carry no bytes
-    token_bytes[:n_ranks] = torch.tensor([len(bytes(b)) for b, _ in ranks], dtype=torch.int32)
+    token_bytes = np.zeros(VOCAB_SIZE, dtype=np.int32)   # special tokens stay 0: they carry no bytes
+    token_bytes[:n_ranks] = [len(bytes(b)) for b, _ in ranks]
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(tokenizer_dir / "token_bytes.pt", lambda tmp: torch.save(token_bytes, tmp))
+    _atomic_write(tokenizer_dir / "token_bytes.npy", lambda tmp: _save_npy(tmp, token_bytes))
     _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))   # written last: marks completion
     return time.time() - t0
 
@@ -511,15 +515,20 @@ class Tokenizer:
 
 def get_token_bytes(device="cpu", tokenizer_dir=None):
     """UTF-8 byte length of every token id (0 for special tokens), as an int32 tensor."""
-    path = Path(tokenizer_dir or TOKENIZER_DIR) / "token_bytes.pt"
+    import torch
+    path = Path(tokenizer_dir or TOKENIZER_DIR) / "token_bytes.npy"
     try:
-        return torch.load(path, weights_only=True).to(device)
-    except (OSError, RuntimeError):
+        return torch.from_numpy(np.load(path, allow_pickle=False)).to(device)
+    except (OSError, ValueError):
         raise HarnessError(f"no token byte lengths at {path}: run `uv run prepare.py`") from None
 
 # ---------------------------------------------------------------------------
 # Token cache: every shard tokenized once, at prepare time
 # ---------------------------------------------------------------------------
+
+
+def _token_dtype():
+    return np.uint16 if VOCAB_SIZE <= 1 << 16 else np.uint32
 
 
 def _tokens_dir(tokenizer):
@@ -544,7 +553,7 @@ def tokenize_shard(path, tokenizer):
         batches += [start + min(i + TOKENIZER_BATCH, len(texts)) for i in range(0, len(texts), TOKENIZER_BATCH)]
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum([len(d) for d in docs], out=offsets[1:])
-    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.uint16, count=offsets[-1])
+    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=_token_dtype(), count=offsets[-1])
     return tokens, offsets, np.array(batches, dtype=np.int64)
 
 
@@ -652,6 +661,7 @@ class _BestFitPacker:
 
 def make_dataloader(tokenizer, B, T, split, device=None):
     """Yield (inputs, targets, epoch) forever: B packed rows, int64 on `device` (CUDA when available by default)."""
+    import torch
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     use_cuda = device.type == "cuda"
     packer = _BestFitPacker(tokenizer, split)
@@ -673,14 +683,14 @@ def make_dataloader(tokenizer, B, T, split, device=None):
 
 
 def validation_rows(tokenizer, T, n_rows):
-    """The first n_rows packed validation rows, (n_rows, T + 1) uint16: packed once, then read from the cache."""
+    """The first n_rows packed validation rows, (n_rows, T + 1): packed once, then read from the cache."""
     out = _tokens_dir(tokenizer)
     val_size = list_shards("val")[0].stat().st_size
     path = out / f"val_rows_T{T}_N{n_rows}_S{val_size}.npy" if out else None
     if path is not None and path.exists():
         return np.load(path, allow_pickle=False)
     packer = _BestFitPacker(tokenizer, "val")
-    rows = np.empty((n_rows, T + 1), dtype=np.uint16)
+    rows = np.empty((n_rows, T + 1), dtype=_token_dtype())
     for row in rows:
         packer.fill(row)
     if path is not None:
@@ -695,6 +705,7 @@ def validation_rows(tokenizer, T, n_rows):
 
 def _check_causal(model, x, logits, vocab_size):
     """Change the future of two rows at once; no logit before a row's own change may move (nor leak across rows)."""
+    import torch
     B, T = x.shape
     cuts = [T // 2, T // 4][:B]
     probe = x.clone()
@@ -714,39 +725,41 @@ def _check_causal(model, x, logits, vocab_size):
                 f"independent, so no val_bpb is reported")
 
 
-@torch.no_grad()
 def evaluate_bpb(model, tokenizer, batch_size):
     """
     Bits per byte on the validation shard: the same EVAL_TOKENS // MAX_SEQ_LEN rows for any batch size.
     The model gets inputs only and returns logits (B, T, V); the loss is computed here.
     """
-    T, n_rows = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    vocab_size = tokenizer.get_vocab_size()
-    token_bytes = get_token_bytes(device)
-    rows = validation_rows(tokenizer, T, n_rows)
-    total_nats = torch.zeros((), dtype=torch.float64, device=device)
-    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    done = 0
-    while done < n_rows:
-        b = min(batch_size, n_rows - done)
-        batch = torch.from_numpy(rows[done:done + b].astype(np.int64)).to(device)
-        x, y = batch[:, :-1], batch[:, 1:]
-        logits = model(x)
-        if not (torch.is_tensor(logits) and logits.dim() == 3 and logits.shape[:2] == (b, T)
-                and logits.shape[2] >= vocab_size):
-            shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
-            raise HarnessError(f"model(x) must return logits of shape (B, T, >= {vocab_size}), got {shape}")
-        if done == 0:
-            _check_causal(model, x, logits, vocab_size)
-        for i in range(0, b, 8):   # in chunks, so that float32 log-probs never need a second full copy
-            nats = F.cross_entropy(logits[i:i + 8].float().flatten(0, 1), y[i:i + 8].flatten(), reduction="none")
-            nbytes = token_bytes[y[i:i + 8].flatten()]
-            total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
-            total_bytes += nbytes.sum(dtype=torch.int64)
-        done += b
-    return total_nats.item() / (math.log(2) * total_bytes.item())
+    import torch
+    import torch.nn.functional as F
+    with torch.no_grad():
+        T, n_rows = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        vocab_size = tokenizer.get_vocab_size()
+        token_bytes = get_token_bytes(device)
+        rows = validation_rows(tokenizer, T, n_rows)
+        total_nats = torch.zeros((), dtype=torch.float64, device=device)
+        total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+        done = 0
+        while done < n_rows:
+            b = min(batch_size, n_rows - done)
+            batch = torch.from_numpy(rows[done:done + b].astype(np.int64)).to(device)
+            x, y = batch[:, :-1], batch[:, 1:]
+            logits = model(x)
+            if not (torch.is_tensor(logits) and logits.dim() == 3 and logits.shape[:2] == (b, T)
+                    and logits.shape[2] >= vocab_size):
+                shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+                raise HarnessError(f"model(x) must return logits of shape (B, T, >= {vocab_size}), got {shape}")
+            if done == 0:
+                _check_causal(model, x, logits, vocab_size)
+            for i in range(0, b, 8):   # in chunks, so that float32 log-probs never need a second full copy
+                nats = F.cross_entropy(logits[i:i + 8].float().flatten(0, 1), y[i:i + 8].flatten(), reduction="none")
+                nbytes = token_bytes[y[i:i + 8].flatten()]
+                total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
+                total_bytes += nbytes.sum(dtype=torch.int64)
+            done += b
+        return total_nats.item() / (math.log(2) * total_bytes.item())
 
 # ---------------------------------------------------------------------------
 # Command line

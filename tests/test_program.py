@@ -20,11 +20,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TAG = "test"
-TIME_LIMIT = 60          # program.md's `timeout 600`, shortened for the test
+TIME_LIMIT = 45          # program.md's `timeout 600`, shortened for the test
 FROZEN = ["prepare.py", "pyproject.toml", "uv.lock"]
 
 # The user's one-time edits before a night on a tiny machine: harness constants and model size.
-HARNESS_EDITS = {"MAX_SEQ_LEN": "64", "TIME_BUDGET": "3", "EVAL_TOKENS": "64 * 32"}
+HARNESS_EDITS = {"MAX_SEQ_LEN": "64", "TIME_BUDGET": "2", "EVAL_TOKENS": "64 * 16"}
 TOY_EDITS = {"DEPTH": "2", "ASPECT_RATIO": "32", "HEAD_DIM": "32", "DEVICE_BATCH_SIZE": "8",
              "TOTAL_BATCH_SIZE": "8 * 64 * 2", "UNEMBEDDING_LR": "0.0004"}
 # The agent's experiments: (description, edits to train.py, expected status)

@@ -320,7 +320,7 @@ def test_nan_loss_prints_fail_and_exits_1(tmp_path, tiny_cache, harness):
 
 
 def test_toy_run_end_to_end(tmp_path, tiny_cache, harness):
-    T, eval_tokens, budget = harness.MAX_SEQ_LEN, harness.EVAL_TOKENS, 8
+    T, eval_tokens, budget = harness.MAX_SEQ_LEN, harness.EVAL_TOKENS, 5
     shrink = (f"import prepare  # test copy: harness constants shrunk in-process\n"
               f"prepare.MAX_SEQ_LEN = MAX_SEQ_LEN = {T}\nprepare.EVAL_TOKENS = {eval_tokens}\nTIME_BUDGET = {budget}\n")
     path = toy_copy(tmp_path, shrink, **TOY)
