@@ -10,6 +10,7 @@ It builds a fresh cache from --source in a temporary directory, so it never touc
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,13 @@ def main():
     args = parser.parse_args()
 
     cache = Path(tempfile.mkdtemp(prefix="autoresearch-bench-"))
+    try:
+        run(args, cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def run(args, cache):
     os.environ["AUTORESEARCH_CACHE"] = str(cache)
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--source", args.source],
@@ -70,7 +78,6 @@ def main():
     if torch.cuda.is_available():
         print("GPU: start-up before step 0 and evaluation time are printed by train.py itself "
               "(run `uv run train.py` and read its log)")
-    print(f"(cache left in {cache}; delete it when done)")
 
 
 if __name__ == "__main__":
