@@ -74,8 +74,9 @@ class Agent:
     # -- setup and bookkeeping -------------------------------------------------
     def setup(self):
         self.sh(self.block("git checkout -b autoresearch/<tag>"))
-        self.sh(self.block("ls ", "/data", "/tokenizer"))
-        self.dataset = self.sh(self.block("print(prepare.DATASET)")).stdout.strip()
+        shown = self.sh(self.block("print(p.DATASET)")).stdout.splitlines()
+        self.dataset = shown[0]
+        assert shown[1] == "3 training shards"   # the tiny corpus
         self.sh(self.block("printf 'commit"))
         template = self.block("# Notes: autoresearch/<tag>")   # its headings, without the example entries
         (self.repo / "notes.md").write_text("".join(line + "\n" for line in template.splitlines()
