@@ -125,10 +125,11 @@ def sliding_window_mask(window, T, device):
 def attention(q, k, v, window):
     """Causal attention on (B, T, H, D); query i attends to keys i - window ... i (FA3's window_size=(window, 0))."""
     T = q.size(1)
+    q, k = q.to(v.dtype), k.to(v.dtype)  # one dtype: under autocast the QK-norm may return float32
     if fa3 is not None:
         y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
         return y[0] if isinstance(y, tuple) else y
-    q, k, v = (t.transpose(1, 2).to(v.dtype) for t in (q, k, v))  # (B, H, T, D), one dtype
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     if window >= T - 1:  # the window covers the whole causal past
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     elif q.is_cuda:
