@@ -699,6 +699,37 @@ def validation_rows(tokenizer, T, n_rows):
     return rows
 
 # ---------------------------------------------------------------------------
+# Fitting the GPU: the device batch that fits in memory
+# ---------------------------------------------------------------------------
+
+
+def fit_device_batch(model, B, T, autocast_ctx):
+    """
+    The largest of B, B/2, B/4, ... sequences of T tokens whose forward and backward fit in GPU memory.
+    train.py keeps TOTAL_BATCH_SIZE, so more gradient accumulation makes up for a smaller device batch:
+    the same optimisation, only slower. On the GPU the first try also compiles the model.
+    """
+    import torch
+    device = next(model.parameters()).device
+    while True:
+        try:
+            x = torch.zeros(B, T, dtype=torch.long, device=device)
+            with autocast_ctx:
+                model(x, x).backward()
+            break
+        except torch.OutOfMemoryError:
+            if B == 1:
+                raise
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":   # free the failed attempt, and forget its peak
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        print(f"DEVICE_BATCH_SIZE = {B} runs out of GPU memory: using {B // 2} (set it in train.py to skip this search)")
+        B //= 2
+    model.zero_grad(set_to_none=True)
+    return B
+
+# ---------------------------------------------------------------------------
 # Evaluation (DO NOT CHANGE — this is the fixed metric)
 # ---------------------------------------------------------------------------
 

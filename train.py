@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from prepare import DATASET, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
+from prepare import DATASET, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, fit_device_batch, make_dataloader
 
 # Peak dense bf16 tensor-core FLOP/s from NVIDIA's datasheets, for MFU. Regex on the device name, first match
 # wins; a GPU not listed gets MFU "unknown" rather than a number against the wrong peak.
@@ -461,33 +461,15 @@ if device.type == "cuda":
                 sliding_window_mask(window, MAX_SEQ_LEN, device)
     model = torch.compile(model, dynamic=False)
 
-# Fit the GPU: halve DEVICE_BATCH_SIZE until a micro-step fits in memory. TOTAL_BATCH_SIZE stays, so more
-# gradient accumulation makes up for it: the same optimisation, only slower. (On the GPU this also compiles.)
-while True:
-    try:
-        x = torch.zeros(DEVICE_BATCH_SIZE, MAX_SEQ_LEN, dtype=torch.long, device=device)
-        with autocast_ctx:
-            model(x, x).backward()
-        break
-    except torch.OutOfMemoryError:
-        if DEVICE_BATCH_SIZE == 1:
-            raise
-    model.zero_grad(set_to_none=True)
-    if device.type == "cuda":  # free the failed attempt, and forget its peak
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    print(f"DEVICE_BATCH_SIZE = {DEVICE_BATCH_SIZE} runs out of GPU memory: using {DEVICE_BATCH_SIZE // 2} "
-          f"(set it in train.py to skip this search)")
-    DEVICE_BATCH_SIZE //= 2
-model.zero_grad(set_to_none=True)
-tokens_per_micro_step = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
+device_batch_size = fit_device_batch(model, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, autocast_ctx)  # halved until it fits
+tokens_per_micro_step = device_batch_size * MAX_SEQ_LEN
 assert TOTAL_BATCH_SIZE % tokens_per_micro_step == 0, f"TOTAL_BATCH_SIZE: not a multiple of {tokens_per_micro_step}"
 grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
 
-train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
+train_loader = make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "train", device=device)
 x, y, epoch = next(train_loader)  # prefetch the first batch
 print(f"time budget: {TIME_BUDGET}s of training after 11 untimed warm-up steps | "
-      f"{grad_accum_steps} micro-steps of {DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN} tokens per step")
+      f"{grad_accum_steps} micro-steps of {device_batch_size} x {MAX_SEQ_LEN} tokens per step")
 
 # ---------------------------------------------------------------------------
 # Schedules: driven by progress = training_seconds / TIME_BUDGET
@@ -588,7 +570,7 @@ if interactive:
 model.eval()
 t_eval = time.time()
 with autocast_ctx:
-    val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    val_bpb = evaluate_bpb(model, tokenizer, device_batch_size)
 print(f"overhead: {t_loop - t_start:.1f}s start-up, {warmup_seconds:.1f}s in the 11 untimed warm-up steps, "
       f"{time.time() - t_eval:.1f}s evaluation")
 
