@@ -22,7 +22,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -218,7 +217,7 @@ def _download_shard(name, data_dir):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
     path = data_dir / name
-    for attempt in range(2):
+    for _ in range(2):
         try:
             hf_hub_download(DATASET_REPO, name, repo_type="dataset", revision="main", local_dir=data_dir)
         except RemoteEntryNotFoundError:
