@@ -62,6 +62,10 @@ DATASET_REPO = "karpathy/climbmix-400b-shuffle"
 MAX_SHARD = 6542                                  # shards are shard_00000 ... shard_06542
 VAL_FILENAME = f"shard_{MAX_SHARD:05d}.parquet"   # the last shard is pinned for validation
 
+# Smoke and test runs: stop after this many timed steps instead of TIME_BUDGET seconds, and drive the schedules
+# by steps too, so that their outcome never depends on the machine's speed or load. 0 (unset) in a real run.
+STEP_BUDGET = int(os.environ.get("AUTORESEARCH_STEP_BUDGET") or 0)
+
 CACHE_DIR = Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
 # DATA_DIR, TOKENIZER_DIR and DATASET follow the active dataset: see "The active dataset" below
 
@@ -696,6 +700,23 @@ def validation_rows(tokenizer, T, n_rows):
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, lambda tmp: _save_npy(tmp, rows))
     return rows
+
+# ---------------------------------------------------------------------------
+# The training budget: TIME_BUDGET seconds of timed steps, or STEP_BUDGET timed steps in a smoke or test run
+# ---------------------------------------------------------------------------
+
+
+def training_progress(training_seconds, timed_steps):
+    """The fraction of the budget used after `timed_steps` steps that took `training_seconds`, at most 1."""
+    if STEP_BUDGET > 0:
+        return min(timed_steps / STEP_BUDGET, 1.0)
+    return min(training_seconds / TIME_BUDGET, 1.0)
+
+
+def budget_description():
+    if STEP_BUDGET > 0:
+        return f"{STEP_BUDGET} timed steps (AUTORESEARCH_STEP_BUDGET: a smoke or test run, not comparable)"
+    return f"{TIME_BUDGET}s of training"
 
 # ---------------------------------------------------------------------------
 # Fitting the GPU: the device batch that fits in memory

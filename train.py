@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from prepare import DATASET, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, fit_device_batch, make_dataloader
+from prepare import (DATASET, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, budget_description, evaluate_bpb, fit_device_batch,
+                     make_dataloader, training_progress)
 
 # Peak dense bf16 tensor-core FLOP/s from NVIDIA's datasheets, for MFU. Regex on the device name, first match
 # wins; a GPU not listed gets MFU "unknown" rather than a number against the wrong peak.
@@ -468,11 +469,11 @@ grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
 
 train_loader = make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "train", device=device)
 x, y, epoch = next(train_loader)  # prefetch the first batch
-print(f"time budget: {TIME_BUDGET}s of training after 11 untimed warm-up steps | "
+print(f"budget: {budget_description()} after 11 untimed warm-up steps | "
       f"{grad_accum_steps} micro-steps of {device_batch_size} x {MAX_SEQ_LEN} tokens per step")
 
 # ---------------------------------------------------------------------------
-# Schedules: driven by progress = training_seconds / TIME_BUDGET
+# Schedules: driven by progress = training_seconds / TIME_BUDGET (see training_progress in prepare.py)
 
 
 def get_lr_multiplier(progress):
@@ -492,7 +493,7 @@ def get_weight_decay(progress):
     return WEIGHT_DECAY * (1.0 - progress)
 
 # ---------------------------------------------------------------------------
-# Training loop: stops once the timed steps add up to TIME_BUDGET
+# Training loop: stops once the timed steps add up to the budget
 
 
 def sync():
@@ -516,7 +517,7 @@ while True:
         train_loss = loss.detach()
         (loss / grad_accum_steps).backward()
         x, y, epoch = next(train_loader)
-    progress = min(training_seconds / TIME_BUDGET, 1.0)
+    progress = training_progress(training_seconds, max(step - 11, 0))
     lrm = get_lr_multiplier(progress)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
@@ -537,7 +538,7 @@ while True:
         training_seconds += dt
     else:
         warmup_seconds += dt
-    done = step > 10 and training_seconds >= TIME_BUDGET
+    done = step > 10 and training_progress(training_seconds, step - 10) >= 1.0
 
     smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss_f
     debiased_loss = smooth_loss / (1 - 0.9 ** (step + 1))
