@@ -81,7 +81,7 @@ def run(args, cache):
         print("GPU: running train.py on this cache (about 6 minutes)...", flush=True)
         log = subprocess.run([sys.executable, str(ROOT / "train.py")], capture_output=True, text=True,
                              env=os.environ, cwd=ROOT).stdout.splitlines()
-        keys = ("device:", "attention:", "time budget:", "overhead:", "val_bpb:", "training_seconds:",
+        keys = ("device:", "attention:", "budget:", "overhead:", "val_bpb:", "training_seconds:",
                 "total_seconds:", "peak_vram_mb:", "mfu_percent:", "total_tokens_M:", "num_steps:")
         for line in log:
             if line.startswith(keys):
