@@ -3,24 +3,36 @@ The morning report: read results.tsv, print the run at a glance, draw progress.p
 
     uv run analysis.py [results.tsv] [--json] [--png progress.png | --no-png]
 
-Noise rules (program.md): a row that repeats an earlier commit, or whose
-description contains "(noise)", is a rerun, not an experiment. A commit's value
-is the mean of its non-crash rows; the running best uses those means.
-M = max - min of the baseline commit's rows (the first row is the baseline).
-Kept gains smaller than M are marked "≈noise".
+results.tsv is written by hand all night, so it is read leniently: columns by header name (commit,
+val_bpb and status required), any line endings, a BOM, status synonyms (kept, reverted, failed, ...).
+A line that cannot be read is skipped with one warning on stderr that names it; the rest is reported.
+
+Noise rules (program.md): a row whose description says "(noise)" is a rerun; every other row (and
+every crash) is an experiment, the first one the baseline. A rerun belongs to an experiment of the
+same commit, before or after it. An experiment's value is the mean of its runs; the running best
+uses those means. M = max - min of the baseline's runs. Kept gains smaller than M are marked "≈noise".
 """
 
 import argparse
 import json
 import math
 import os
+import re
+import secrets
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
+REQUIRED = ("commit", "val_bpb", "status")
 STATUSES = ("keep", "discard", "crash")
+SYNONYMS = {  # what people and agents write in the status column
+    "keep": ("keep", "kept", "best", "baseline", "improved", "accept", "accepted"),
+    "discard": ("discard", "discarded", "revert", "reverted", "reject", "rejected", "worse"),
+    "crash": ("crash", "crashed", "fail", "failed", "failure", "error", "timeout", "oom"),
+}
+STATUS_OF = {word: status for status, words in SYNONYMS.items() for word in words}
+MAX_WARNINGS = 10  # skipped lines named one by one on stderr; the rest in one line
 LABEL_CHARS = 28  # kept descriptions are cut to this length on the plot
 MAX_LABELS = 20  # on a long night only the kept changes with the largest gains get a label
 
@@ -29,113 +41,159 @@ class ResultsError(Exception):
     """A results.tsv that cannot be read; the message is the one line to print."""
 
 
-def parse_results(path):
-    """Read results.tsv into a list of row dicts; raise ResultsError on any problem."""
+def clean(text):
+    """Text that is safe to print, to store in JSON and to draw: every character that is not printable
+    (terminal escape codes, bidi overrides, line separators) becomes a visible escape such as \\x1b."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def parse_results(path, warnings=None):
+    """Read results.tsv into a list of row dicts (val_bpb None where there is no value).
+
+    A line that cannot be read is skipped, and (its number, one line saying why) is appended to
+    `warnings`; other oddities are appended as (None, the line).
+    ResultsError only when there is nothing to report: no file, no header, no readable row."""
     path, header = Path(path), "\\t".join(HEADER)
+    warnings = [] if warnings is None else warnings
+    name = clean(str(path))
     if not path.is_file():
-        raise ResultsError(f"{path}: no such file; pass the path to results.tsv "
+        raise ResultsError(f"{name}: no such file; pass the path to results.tsv "
                            "(uv run analysis.py path/to/results.tsv)")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ResultsError(f"{path}: cannot read it as UTF-8 text ({e}); check the file") from None
-    if not text.strip():
-        raise ResultsError(f"{path} line 1: file is empty; write the header '{header}' first")
-    lines = [line.rstrip("\r") for line in text.split("\n")]  # not splitlines: it splits on \x0c etc.
-    if lines[0].split("\t") != HEADER:
-        raise ResultsError(f"{path} line 1: wrong header {lines[0]!r}; it must be exactly "
-                           f"'{header}' (tab-separated)")
+        data = path.read_bytes()
+    except OSError as e:
+        raise ResultsError(f"{name}: cannot read it ({e.strerror}); check the file") from None
+    text = data.decode("utf-8", errors="replace")
+    if "\ufffd" in text and b"\xef\xbf\xbd" not in data:
+        warnings.append((None, f"{name}: not valid UTF-8; the bytes that are not are shown as \ufffd"))
+    lines = [line.removeprefix("\ufeff") for line in re.split(r"\r\n|\r|\n", text)]  # BOM, any line ending
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    if not numbered:
+        raise ResultsError(f"{name} line 1: file is empty; write the header '{header}' first")
+    (header_no, header_line), body = numbered[0], numbered[1:]
+    columns = [c.strip().lower() for c in header_line.split("\t")]
+    if not set(REQUIRED) <= set(columns):
+        if len(columns) != len(HEADER) or set(HEADER) & set(columns):
+            missing = ", ".join(c for c in REQUIRED if c not in columns)
+            raise ResultsError(f"{name} line {header_no}: the header {clean(header_line)!r} has no column "
+                               f"{missing}; the first line must name the tab-separated columns, e.g. '{header}'")
+        warnings.append((None, f"{name} line {header_no}: no header; reading the columns as {', '.join(HEADER)}"))
+        columns, body = HEADER, numbered
+    where = {c: columns.index(c) for c in HEADER if c in columns}  # the first column of each name
     rows = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
+    for lineno, line in body:
         fields = line.split("\t")
-        where = f"{path} line {lineno}"
-        if len(fields) != len(HEADER):
-            raise ResultsError(f"{where}: {len(fields)} tab-separated columns, expected 5 "
-                               f"({', '.join(HEADER)}); fix or delete the line")
-        commit, val_bpb, memory_gb, status, description = fields
-        if len(commit) < 7 or any(c not in "0123456789abcdef" for c in commit.lower()):
-            raise ResultsError(f"{where}: commit {commit!r} is not a hex hash of 7+ characters; "
-                               "use the short hash from git rev-parse --short HEAD")
-        for name, field, example in (("val_bpb", val_bpb, "0.997900"), ("memory_gb", memory_gb, "44.0")):
-            if not _is_number(field):
-                raise ResultsError(f"{where}: {name} {field!r} is not a number; write e.g. {example} "
-                                   "(0 for a crash)")
-        if status not in STATUSES:
-            raise ResultsError(f"{where}: unknown status {status!r}; use keep, discard or crash")
-        rows.append(dict(line=lineno, commit=commit, val_bpb=float(val_bpb), memory_gb=float(memory_gb),
-                         status=status, description=description))
+        while len(fields) > len(columns) and not fields[-1].strip():  # trailing tabs carry nothing
+            fields.pop()
+        why = _unreadable(line, fields, columns)
+        status = STATUS_OF.get(fields[where["status"]].strip().lower()) if why is None else None
+        if why is None and status is None:
+            why = (f"unknown status {clean(fields[where['status']].strip())!r}; "
+                   "write keep, discard or crash")
+        if why is not None:
+            warnings.append((lineno, f"{name} line {lineno}: skipped: {why}"))
+            continue
+        get = lambda column: fields[where[column]].strip() if column in where else ""
+        rows.append(dict(line=lineno, commit=clean(get("commit")), status=status,
+                         val_bpb=None if status == "crash" else _value(get("val_bpb")),
+                         memory_gb=_number(get("memory_gb")), description=clean(get("description"))))
     if not rows:
-        raise ResultsError(f"{path}: no experiments yet (only the header); "
-                           "run the baseline and log it first")
+        raise ResultsError(f"{name}: no experiments yet (only the header); run the baseline and log it first"
+                           if not body else f"{name}: none of its {len(body)} lines after the header could be read "
+                           "(see the warnings above); fix them or log the baseline")
     return rows
 
 
-def _is_number(text):
+def _unreadable(line, fields, columns):
+    """Why a line after the header cannot be read as a row, or None."""
+    text = line.strip()
+    if text.startswith("#"):
+        return "a comment"
+    if set(text) <= set("-=_|+:* \t"):
+        return "a separator line"
+    if [f.strip().lower() for f in fields] == list(columns):
+        return "the header again"
+    if len(fields) != len(columns):
+        return (f"{len(fields)} tab-separated fields, expected {len(columns)} "
+                f"({', '.join(columns)})")
+    if not fields[columns.index("commit")].strip():
+        return "no commit"
+    return None
+
+
+def _number(text):
     try:
-        return math.isfinite(float(text))
+        return float(text)
     except ValueError:
-        return False
+        return None
+
+
+def _value(text):
+    """A val_bpb, or None for no value: empty, N/A, FAILED, and zero, negative or non-finite numbers."""
+    x = _number(text)
+    return x if x is not None and math.isfinite(x) and x > 0 else None
 
 
 def mark_reruns(rows):
-    """Set row["rerun"] (repeats an earlier commit, or says "(noise)") and row["x"], the index
-    of the row's experiment (baseline 0); a rerun shares the x of its commit's experiment."""
-    seen, x_of = set(), {}
+    """Set row["rerun"] (its description says "(noise)"; a crash never is one), row["of"] (the index of
+    the experiment row a rerun belongs to, None if its commit has none) and row["x"], the index of the
+    row's experiment (baseline 0). A rerun belongs to an experiment row of the same commit, logged before
+    or after it: the one whose description it starts with, else the nearest."""
+    for row in rows:
+        row["rerun"] = row["status"] != "crash" and "(noise)" in row["description"].lower()
+    if rows and all(row["rerun"] for row in rows):  # reruns of nothing: the first row is the baseline
+        rows[0]["rerun"] = False
+    experiments = [i for i, row in enumerate(rows) if not row["rerun"]]
+    for x, i in enumerate(experiments):
+        rows[i].update(x=x, of=i)
     for i, row in enumerate(rows):
-        row["rerun"] = i > 0 and (row["commit"] in seen or "(noise)" in row["description"])
-        seen.add(row["commit"])
-        if not row["rerun"]:
-            x_of[row["commit"]] = len(x_of)
-        row["x"] = x_of.get(row["commit"], len(x_of) - 1)
+        if row["rerun"]:
+            def rank(j):
+                d = rows[j]["description"]
+                return len(d) if d and row["description"].startswith(d) else 0, -abs(j - i)
+            row["of"] = max((j for j in experiments if rows[j]["commit"] == row["commit"]), key=rank, default=None)
+            row["x"] = rows[row["of"]]["x"] if row["of"] is not None else \
+                max((rows[j]["x"] for j in experiments if j < i), default=0)
     return rows
 
 
 def summarize(rows):
     """The report as a plain dict (the --json object): counts, baseline, best, noise, kept changes."""
-    commits = {}
-    for row in mark_reruns(rows):  # group rows by commit
-        c = commits.setdefault(row["commit"], dict(values=[], statuses=set()))
-        c["statuses"].add(row["status"])
-        if row["status"] != "crash":
-            c["values"].append(row["val_bpb"])
-    for c in commits.values():  # a commit is kept if any of its rows says keep
-        c["mean"] = sum(c["values"]) / len(c["values"]) if c["values"] else None
-        c["status"] = "keep" if "keep" in c["statuses"] else "discard" if c["values"] else "crash"
+    values = {}  # experiment row index -> the val_bpb of its runs (its own and its reruns')
+    for row in mark_reruns(rows):
+        if row["of"] is not None and row["val_bpb"] is not None:
+            values.setdefault(row["of"], []).append(row["val_bpb"])
+    mean = lambda i: sum(values[i]) / len(values[i]) if i in values else None
+    (base_i, base_row), *experiments = [(i, row) for i, row in enumerate(rows) if not row["rerun"]]
+    counts = {s: sum(row["status"] == s for _, row in experiments) for s in STATUSES}
+    base_values = values.get(base_i, [])
+    margin = max(base_values) - min(base_values) if len(base_values) >= 2 else None
 
-    base_commit = rows[0]["commit"]
-    base = commits[base_commit]
-    experiments = [r for r in rows[1:] if not r["rerun"]]
-    counts = {s: sum(commits[r["commit"]]["status"] == s for r in experiments) for s in STATUSES}
-    margin = max(base["values"]) - min(base["values"]) if len(base["values"]) >= 2 else None
-
-    best_value, best_row, kept_changes = base["mean"], rows[0], []
-    for index, row in enumerate(experiments, start=1):
-        c = commits[row["commit"]]
-        if c["status"] != "keep" or c["mean"] is None:
+    best_value, best_row, kept_changes = mean(base_i), base_row, []
+    for i, row in experiments:
+        if row["status"] != "keep" or mean(i) is None:
             continue
-        gain = None if best_value is None else best_value - c["mean"]
+        gain = None if best_value is None else best_value - mean(i)
         kept_changes.append(dict(
-            index=index, commit=row["commit"], val_bpb=_r(c["mean"]), runs=len(c["values"]),
+            index=row["x"], commit=row["commit"], val_bpb=_r(mean(i)), runs=len(values[i]),
             description=row["description"], gain=_r(gain),
             within_noise=gain is not None and margin is not None and _r(gain) < _r(margin)))
-        if best_value is None or c["mean"] < best_value:
-            best_value, best_row = c["mean"], row
+        if best_value is None or mean(i) < best_value:
+            best_value, best_row = mean(i), row
 
     improvement = None
-    if base["mean"] is not None:
-        absolute = base["mean"] - best_value
-        improvement = dict(absolute=_r(absolute), percent=round(100 * absolute / base["mean"], 4),
+    if mean(base_i) is not None:
+        absolute = mean(base_i) - best_value
+        improvement = dict(absolute=_r(absolute), percent=round(100 * absolute / mean(base_i), 4),
                            multiple_of_margin=round(absolute / margin, 2) if margin else None)
     return dict(
-        experiments=len(experiments), reruns=sum(r["rerun"] for r in rows),
+        experiments=len(experiments), reruns=sum(row["rerun"] for row in rows),
         kept=counts["keep"], discarded=counts["discard"], crashed=counts["crash"],
         keep_rate=round(counts["keep"] / len(experiments), 4) if experiments else None,
-        baseline=dict(commit=base_commit, val_bpb=_r(base["mean"]), description=rows[0]["description"]),
+        baseline=dict(commit=base_row["commit"], val_bpb=_r(mean(base_i)), description=base_row["description"]),
         best=dict(commit=best_row["commit"], val_bpb=_r(best_value), description=best_row["description"]),
         improvement=improvement,
-        noise=dict(runs=len(base["values"]), margin=_r(margin), baseline_mean=_r(base["mean"])),
+        noise=dict(runs=len(base_values), margin=_r(margin), baseline_mean=_r(mean(base_i))),
         kept_changes=kept_changes,
     )
 
@@ -174,8 +232,8 @@ def render_text(summary, path="results.tsv"):
     return "\n".join(out)
 
 
-def plot_progress(rows, summary, png_path):
-    """Draw val_bpb against the experiment index to png_path, written atomically."""
+def make_figure(rows, summary):
+    """The progress plot as a matplotlib Figure: val_bpb against the experiment index."""
     # Imported here: matplotlib takes seconds to load, and errors or --no-png need none of it.
     # A bare Figure on an Agg canvas: no display, no pyplot state, the caller's backend untouched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -183,37 +241,43 @@ def plot_progress(rows, summary, png_path):
     from matplotlib.ticker import MaxNLocator
 
     xs = [r["x"] for r in mark_reruns(rows)]
-    kept = {k["commit"] for k in summary["kept_changes"]} | {summary["baseline"]["commit"]}
-    base_vals = [r["val_bpb"] for r in rows if r["commit"] == rows[0]["commit"] and r["status"] != "crash"]
-    values = [r["val_bpb"] for r in rows if r["status"] != "crash"] or [1.0]
-    # Zoom on baseline..best: far-worse discards would squash the plot, so they sit on the top edge
-    low, base_hi = min(values), max(base_vals or values)
-    span = max(base_hi - low, 1e-3)
-    top = min(max(values), base_hi + 0.5 * span) + 0.05 * span
-    bottom = low - 0.75 * span  # room for the labels below the staircase
-
+    runs = [(x, r) for x, r in zip(xs, rows) if r["val_bpb"] is not None]
+    values = [r["val_bpb"] for _, r in runs]
+    base_i = next(i for i, r in enumerate(rows) if not r["rerun"])
+    base_vals = [r["val_bpb"] for _, r in runs if r["of"] == base_i]
     fig = Figure(figsize=(12, 6.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    if values:  # zoom on baseline..best: far-worse discards would squash the plot, so they sit on the top edge
+        low, base_hi = min(values), max(base_vals or values)
+        span = max(base_hi - low, 1e-3)
+        top = max(min(max(values), base_hi + 0.5 * span), low + 0.5 * span) + 0.05 * span
+        bottom = low - 0.75 * span  # room for the labels below the staircase
+    else:  # every run crashed: no value axis to show
+        bottom, top = 0.0, 1.0
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no run has a val_bpb yet: every run crashed", transform=ax.transAxes,
+                ha="center", va="center", color="tab:red")
     noise = summary["noise"]
     if noise["margin"] is not None:
         ax.axhspan(min(base_vals), max(base_vals), color="0.5", alpha=0.2, lw=0,
                    label=f"baseline noise, {noise['runs']} seeds, M = {noise['margin']:.4f}")
-    for is_kept, color, name in ((False, "0.6", "discarded"), (True, "tab:green", "kept")):
-        for rerun in (False, True):
-            pts = [(x, r["val_bpb"]) for x, r in zip(xs, rows) if r["status"] != "crash"
-                   and r["rerun"] == rerun and (r["commit"] in kept) == is_kept and r["val_bpb"] <= top]
-            if pts:
-                ax.scatter(*zip(*pts), s=40 if is_kept else 22, zorder=3 if is_kept else 2,
-                           facecolors="none" if rerun else color, edgecolors=color,
-                           label=f"{name} (rerun)" if rerun else name)
-    off_scale = [x for x, r in zip(xs, rows) if r["status"] != "crash" and r["val_bpb"] > top]
+    # Each run at its own val_bpb: experiments filled (green if kept), reruns hollow whatever became of them
+    for kind, color, size, label in (("discard", "0.6", 22, "discarded"), ("keep", "tab:green", 40, "kept"),
+                                     ("rerun", "tab:blue", 30, "rerun (noise)")):
+        pts = [(x, r["val_bpb"]) for x, r in runs if r["val_bpb"] <= top
+               and ("rerun" if r["rerun"] else r["status"]) == kind]
+        if pts:
+            ax.scatter(*zip(*pts), s=size, zorder=3 if kind == "keep" else 2, label=label, edgecolors=color,
+                       facecolors="none" if kind == "rerun" else color)
+    off_scale = [x for x, r in runs if r["val_bpb"] > top]
     crashes = [x for x, r in zip(xs, rows) if r["status"] == "crash"]
-    for marks, y, style, color, name in ((off_scale, 0.98, "^", "0.6", f"worse than {top:.3f}"),
-                                          (crashes, 0.02, "x", "tab:red", "crash")):
-        if marks:  # x in data, y in axes units: outside the value range
-            ax.plot(marks, [y] * len(marks), style, color=color, ms=6, clip_on=False,
-                    transform=ax.get_xaxis_transform(), label=name)
+    # Both on the top edge (worse), never near the best at the bottom; y in axes units, outside the values
+    for marks, y, style, color, name in ((off_scale, 0.97, "^", "0.6", f"worse than {top:.3f}"),
+                                          (crashes, 1.0, "x", "tab:red", "crash (no val_bpb)")):
+        if marks:
+            ax.plot(marks, [y] * len(marks), style, color=color, ms=7, mew=2 if style == "x" else 1,
+                    clip_on=False, transform=ax.get_xaxis_transform(), label=name)
 
     best_x, best_y = [], []
     steps = [(0, summary["baseline"]["val_bpb"])] + [(k["index"], k["val_bpb"]) for k in summary["kept_changes"]]
@@ -223,22 +287,23 @@ def plot_progress(rows, summary, png_path):
             best_y.append(y)
     if best_y:
         ax.step(best_x + [max(xs)], best_y + best_y[-1:], where="post", color="tab:green",
-                lw=1.5, alpha=0.7, label="running best")
+                lw=1.5, alpha=0.7, label="running best (mean of a commit's runs)")
     # Kept labels hang straight down below the staircase (empty there); a label too close to
     # the previous one moves right, with a leader line, so that none overlap.
     min_gap = 13 * (max(xs) + 1) / (0.85 * fig.get_figwidth() * fig.dpi)  # ~13 px in data units
     label_x, lowest = -math.inf, {}
-    for r in rows:
-        if r["status"] != "crash":
-            lowest[r["commit"]] = min(r["val_bpb"], lowest.get(r["commit"], math.inf))
+    for x, r in runs:
+        lowest[x] = min(r["val_bpb"], lowest.get(x, math.inf))
     by_gain = sorted(summary["kept_changes"], key=lambda k: -math.inf if k["gain"] is None else -k["gain"])
     for k in sorted(by_gain[:MAX_LABELS], key=lambda k: k["index"]):
         d = k["description"]
         label_x = max(k["index"], label_x + min_gap)
+        # parse_math and usetex off: a description is plain text, even with $...$ or backslashes in it
         ax.annotate(d if len(d) <= LABEL_CHARS else d[:LABEL_CHARS - 1] + "…",
-                    (k["index"], k["val_bpb"]), xytext=(label_x, lowest[k["commit"]] - 0.03 * (top - bottom)),
-                    fontsize=7, color="darkgreen", rotation=-90, rotation_mode="anchor",
-                    ha="left", va="center", arrowprops=dict(arrowstyle="-", color="darkgreen", lw=0.5))
+                    (k["index"], k["val_bpb"]), xytext=(label_x, lowest[k["index"]] - 0.03 * (top - bottom)),
+                    fontsize=7, color="darkgreen", rotation=-90, rotation_mode="anchor", ha="left",
+                    va="center", parse_math=False, usetex=False,
+                    arrowprops=dict(arrowstyle="-", color="darkgreen", lw=0.5))
 
     ax.set_ylim(bottom, top)
     ax.set_xlim(-0.5, max(xs + [5]) + 0.5)
@@ -256,12 +321,19 @@ def plot_progress(rows, summary, png_path):
     ax.grid(alpha=0.25)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=7, fontsize=8, frameon=False)
     fig.tight_layout()
+    return fig
 
+
+def plot_progress(rows, summary, png_path):
+    """Draw the progress plot to png_path, atomically, readable by others as a new file would be."""
+    fig = make_figure(rows, summary)
     png_path = Path(png_path)
-    fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.stem}-", suffix=".png")
-    os.close(fd)
+    tmp = png_path.with_name(f".{png_path.stem}-{secrets.token_hex(4)}.png")
+    # os.open with 0o666 lets the umask decide the mode (0644 usually); mkstemp would make it 0600
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        fig.savefig(tmp, format="png")
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
         os.replace(tmp, png_path)
     finally:
         if os.path.exists(tmp):
@@ -276,8 +348,16 @@ def main(argv=None):
     parser.add_argument("--png", help="where to write the plot (default: progress.png next to results.tsv)")
     parser.add_argument("--no-png", action="store_true", help="do not write the plot")
     args = parser.parse_args(argv)
+    warnings = []
     try:
-        rows = parse_results(args.results)
+        try:
+            rows = parse_results(args.results, warnings)
+        finally:  # the skipped lines are named even when nothing else could be read
+            for _, warning in warnings[:MAX_WARNINGS]:
+                print(f"analysis.py: {warning}", file=sys.stderr)
+            if len(warnings) > MAX_WARNINGS:
+                print(f"analysis.py: {len(warnings) - MAX_WARNINGS} more lines skipped or odd, "
+                      "not shown one by one", file=sys.stderr)
         summary = summarize(rows)
         png = None
         if not args.no_png:
@@ -285,17 +365,21 @@ def main(argv=None):
             try:
                 plot_progress(rows, summary, png)
             except OSError as e:
-                raise ResultsError(f"{png}: cannot write the plot ({e.strerror}); "
+                raise ResultsError(f"{clean(str(png))}: cannot write the plot ({e.strerror}); "
                                    "pass a writable path with --png or use --no-png") from None
     except ResultsError as e:
         print(f"analysis.py: {e}", file=sys.stderr)
         return 1
+    skipped = [line for line, _ in warnings if line is not None]
     if args.json:
-        print(json.dumps(dict(summary, png=str(png) if png else None), ensure_ascii=False))
+        print(json.dumps(dict(summary, skipped_lines=skipped, png=str(png) if png else None), ensure_ascii=False))
     else:
-        print(render_text(summary, args.results))
+        print(render_text(summary, clean(args.results)))
+        if skipped:
+            print(f"skipped {len(skipped)} line{'s' * (len(skipped) != 1)} that could not be read "
+                  f"(lines {', '.join(map(str, skipped))}: see the warnings)")
         if png:
-            print(f"wrote {png}")
+            print(f"wrote {clean(str(png))}")
     return 0
 
 
