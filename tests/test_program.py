@@ -3,12 +3,20 @@ program.md followed literally by a scripted agent, at toy size on the CPU.
 
 The agent takes its shell commands from program.md's own code blocks (so the test
 breaks when the document and the code drift apart), in a temporary copy of the repo
-whose one-time user edits shrink the model and the harness. One night, in two
-sessions: the first agent sets up, runs the baseline and the noise reruns and one
-improving experiment, then stops; a fresh agent with no memory resumes from the
-notes and runs a worsening, a crashing and a hanging experiment.
+whose one-time user edits shrink the model and the harness. Every run is step-budgeted
+(AUTORESEARCH_STEP_BUDGET, one torch thread): its val_bpb depends on the code and the
+seed only, never on the machine's speed, so every keep and discard below is fixed.
+
+One night, in three sessions. The first agent sets up, runs the baseline and the noise
+reruns, a maybe-noise experiment (rerun, not confirmed), an improving experiment and an
+edit that changes nothing (not run), then stops.
+A fresh agent with no memory resumes from the notes: a worsening experiment (discarded,
+then reset twice as after a compaction), three crashes in a row (an error, a hang, a kill)
+and the check of the last kept commit that follows them. A third agent starts the next
+night on the same branch. Another short night has a baseline that crashes.
 """
 
+import json
 import os
 import re
 import shutil
@@ -20,18 +28,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TAG = "test"
-TIME_LIMIT = 45          # program.md's `timeout 600`, shortened for the test
-FROZEN = ["prepare.py", "pyproject.toml", "uv.lock"]
+STEP_BUDGET = 10         # timed steps per run: outcomes fixed by code and seed (M ~ 0.014, IMPROVE gains ~0.17)
+HANG_LIMIT = 5           # program.md's `timeout 600` for the hanging run only; every other run keeps 600,
+FROZEN = ["prepare.py", "pyproject.toml", "uv.lock"]    # an upper bound that decides nothing
 
 # The user's one-time edits before a night on a tiny machine: harness constants and model size.
-HARNESS_EDITS = {"MAX_SEQ_LEN": "64", "TIME_BUDGET": "2", "EVAL_TOKENS": "64 * 16"}
+HARNESS_EDITS = {"MAX_SEQ_LEN": "64", "EVAL_TOKENS": "64 * 16"}
 TOY_EDITS = {"DEPTH": "2", "ASPECT_RATIO": "32", "HEAD_DIM": "32", "DEVICE_BATCH_SIZE": "8",
              "TOTAL_BATCH_SIZE": "8 * 64 * 2", "UNEMBEDDING_LR": "0.0004"}
 # The agent's experiments: (description, edits to train.py, expected status)
 IMPROVE = ("unembedding lr 0.0004 -> 0.004", {"UNEMBEDDING_LR": "0.004"})
+# In the maybe-noise band (-M < delta <= -M/2) with seed 42, not confirmed by SEED=1: rerun row first, then discard
+NEAR = ("unembedding lr 0.0004 -> 0.000405", {"UNEMBEDDING_LR": "0.000405"})
 WORSEN = ("all learning rates / 100", {"EMBEDDING_LR": "0.006", "UNEMBEDDING_LR": "0.00004", "SCALAR_LR": "0.005"})
+NOTHING = ("unembedding lr 0.004 again", {"UNEMBEDDING_LR": "0.004"})   # already the value: nothing to commit
 CRASH = ("typo in the model", {"HEAD_DIM": "undefined_name"})
 HANG = ("sleep before training", {"WARMDOWN_RATIO": '__import__("time").sleep(3600) or 0.5'})
+KILLED = ("killed by the OS", {"WARMDOWN_RATIO": '__import__("os").kill(__import__("os").getpid(), 9) or 0.5'})
+CHECK = "check after 3 crashes (noise)"
 
 
 def set_constants(path, edits):
@@ -55,40 +69,55 @@ def textwrap_dedent(block):
 class Agent:
     """Follows program.md: every shell command comes from one of its code blocks, with <tag> filled in."""
 
-    def __init__(self, repo, env):
-        self.repo, self.env = repo, env
-        self.blocks = code_blocks((repo / "program.md").read_text())
+    def __init__(self, repo, env, tag=TAG):
+        self.repo, self.env, self.tag = repo, env, tag
+        self.text = (repo / "program.md").read_text()
+        self.blocks = code_blocks(self.text)
         self.B = self.M = None
         self.dataset = None
+        self.crashes_in_a_row = 0
 
     def block(self, *needles, start=""):
-        found = [b for b in self.blocks if b.startswith(start) and all(n in b for n in needles)]
+        found = {b for b in self.blocks if b.startswith(start) and all(n in b for n in needles)}
         assert len(found) == 1, f"program.md should have one code block with {needles}, found {len(found)}"
-        return found[0].replace("<tag>", TAG)
+        return found.pop().replace("<tag>", self.tag)
 
     def sh(self, command, check=True):
         proc = subprocess.run(["bash", "-c", command], cwd=self.repo, env=self.env, capture_output=True, text=True)
         assert not check or proc.returncode == 0, (command, proc.stdout, proc.stderr)
         return proc
 
+    def head(self):
+        return self.sh("git rev-parse --short=7 HEAD").stdout.strip()
+
     # -- setup and bookkeeping -------------------------------------------------
     def setup(self):
+        if (self.repo / "results.tsv").exists():   # an earlier night's record: archived under its own tag
+            old = re.match(r"# Notes: autoresearch/(.*)", (self.repo / "notes.md").read_text())[1]
+            self.sh(self.block("mv results.tsv runs/<old>.results.tsv").replace("<old>", old))
         self.sh(self.block("git checkout -b autoresearch/<tag>"))
         shown = self.sh(self.block("print(p.DATASET)")).stdout.splitlines()
         self.dataset = shown[0]
         assert shown[1] == "3 training shards"   # the tiny corpus
+        # No GPU here: program.md says stop and tell the human; this test's human chose a toy night on the CPU
+        assert self.sh(self.block("torch.cuda.is_available()")).stdout.strip() == "no CUDA GPU"
+        assert "uv run prepare.py --smoke" in self.text
         self.sh(self.block("printf 'commit"))
         template = self.block("# Notes: autoresearch/<tag>")   # its headings, without the example entries
         (self.repo / "notes.md").write_text("".join(line + "\n" for line in template.splitlines()
                                                     if line.startswith("#") or not line.strip()))
 
-    def run(self, seed=None):
+    def run(self, seed=None, limit=None):
         """The run command; returns (exit code, val_bpb, memory_gb), val_bpb None for a crash."""
         command = self.block("uv run train.py > run.log", start="timeout 600")
         if seed is not None:
-            command = next(line for line in self.block("SEED=1", "SEED=2").splitlines() if line.startswith(f"SEED={seed}"))
-        code = int(re.search(r"exit code: (\d+)", self.sh(command.replace("timeout 600", f"timeout {TIME_LIMIT}")).stdout)[1])
-        found = dict(line.split(":", 1) for line in self.sh(self.block('grep "^val_bpb:'), check=False).stdout.splitlines())
+            seeded = self.block("SEED=1", "SEED=2").splitlines()
+            command = next(line for line in seeded if line.startswith(f"SEED={seed}"))
+        if limit is not None:
+            command = command.replace("timeout 600", f"timeout {limit}")
+        code = int(re.search(r"exit code: (\d+)", self.sh(command).stdout)[1])
+        grep = self.sh(self.block('grep "^val_bpb:'), check=False).stdout
+        found = dict(line.split(":", 1) for line in grep.splitlines())
         if code != 0 or "val_bpb" not in found:
             assert self.sh(self.block("tail -n 50 run.log")).stdout.count("\n") <= 50
             return code, None, 0.0
@@ -101,11 +130,18 @@ class Agent:
         self.sh(re.sub(r'(HEAD\)")\s.*(>> results.tsv)', lambda m: f"{m[1]} {values} {m[2]}", row))
 
     def commit(self, description, edits):
+        """Commit the edit; False when git has nothing to commit and program.md says that means do not run
+        (main's program.md said nothing: the failure went unnoticed and the agent ran the unchanged code)."""
         set_constants(self.repo / "train.py", edits)
-        self.sh(self.block("git commit -am").replace("<what you changed>", description))
+        proc = self.sh(self.block("git commit -am").replace("<what you changed>", description), check=False)
+        if proc.returncode != 0 and "nothing to commit" in proc.stdout:
+            return "`nothing to commit`" not in self.text
+        assert proc.returncode == 0, (proc.stdout, proc.stderr)
+        return True
 
     def frozen_files_unchanged(self):
-        return "frozen files unchanged" in self.sh(self.block("git diff --quiet autoresearch/<tag>-base"), check=False).stdout
+        guard = self.sh(self.block("git diff --quiet autoresearch/<tag>-base"), check=False)
+        return "frozen files unchanged" in guard.stdout
 
     def write_notes(self, best, line_for=None):
         """Keep notes.md in the template's sections; replace the Noise and Best lines, add one bullet."""
@@ -118,10 +154,17 @@ class Agent:
             text = re.sub(rf"(## {section}[^\n]*\n)", lambda m: f"{m[1]}- {bullet}\n", text)
         (self.repo / "notes.md").write_text(text)
 
+    def runs_of(self, commit):
+        """The val_bpb of every run of a commit that gave one, from results.tsv."""
+        return [float(r[1]) for r in read_results(self.repo) if r[0] == commit and r[3] != "crash"]
+
     # -- the night ---------------------------------------------------------------
     def baseline_and_noise(self):
+        """The baseline and its two noise reruns; False if the baseline crashed (program.md: stop)."""
         code, base, mem = self.run()
-        assert code == 0, self.sh("tail -n 30 run.log").stdout
+        if base is None:
+            self.log(None, mem, "crash", "baseline")
+            return False
         self.log(base, mem, "keep", "baseline")
         runs = [base]
         for seed in (1, 2):
@@ -130,31 +173,50 @@ class Agent:
             self.log(val, mem, "discard", f"baseline rerun, seed {seed} (noise)")
             runs.append(val)
         self.M, self.B = max(runs) - min(runs), sum(runs) / len(runs)
-        commit = self.sh("git rev-parse --short=7 HEAD").stdout.strip()
-        self.write_notes(f"{commit} {self.B:.6f}: the baseline")
+        self.write_notes(f"{self.head()} {self.B:.6f}: the baseline")
+        return True
 
-    def experiment(self, description, edits):
-        self.commit(description, edits)
-        code, val, mem = self.run()
+    def reset(self):
+        """Back to the last kept commit, with program.md's command for a discard."""
+        self.sh(self.block("git reset --hard", start="git reset"))
+
+    def mark_kept(self):
+        """What program.md says to do with a kept commit besides leaving it (main said nothing more)."""
+        for block in {b for b in self.blocks if b.startswith("git tag -f")}:
+            self.sh(block.replace("<tag>", self.tag))
+
+    def experiment(self, description, edits, limit=None):
+        if not self.commit(description, edits):
+            return "not run"
+        code, val, mem = self.run(limit=limit)
         if val is None:
             status = "crash"
+            description += {124: " (timeout)", 137: " (killed: out of memory)"}.get(code, "")
         else:
             delta = val - self.B
-            keep = delta <= -self.M
+            keep, runs = delta <= -self.M, [val]
             if not keep and delta <= -self.M / 2:   # maybe noise: confirm with another seed
                 _, again, _ = self.run(seed=1)
-                self.log(again or 0, mem, "discard", f"{description} rerun (noise)")
+                self.log(again, mem, "discard", f"{description} rerun (noise)")
                 keep = again is not None and again <= self.B - self.M / 2
-                val = (val + again) / 2 if keep else val
+                runs += [again] if again is not None else []
             status = "keep" if keep and code == 0 and self.frozen_files_unchanged() else "discard"
-        self.log(val, mem, status, description)
+        self.log(val, mem, status, description)   # this run's own val_bpb, never a mean
         if status == "keep":
-            gain, self.B = val - self.B, val
-            commit = self.sh("git rev-parse --short=7 HEAD").stdout.strip()
-            self.write_notes(f"{commit} {val:.6f}: {description}", ("Worked", f"{description}: {gain:+.4f}"))
+            gain, self.B = sum(runs) / len(runs) - self.B, sum(runs) / len(runs)
+            self.mark_kept()
+            self.write_notes(f"{self.head()} {self.B:.6f}: {description}", ("Worked", f"{description}: {gain:+.4f}"))
         else:
-            self.sh(self.block("git reset --hard HEAD~1"))
+            self.reset()
             self.write_notes(self.notes_best(), ("Failed", f"{description}: {status}"))
+        self.crashes_in_a_row = self.crashes_in_a_row + 1 if status == "crash" else 0
+        if self.crashes_in_a_row == 3:   # program.md: run the last kept commit unchanged once
+            code, val, mem = self.run()
+            assert val is not None, "the last kept commit crashed too: program.md says stop"
+            self.log(val, mem, "discard", CHECK)
+            self.B = sum(self.runs_of(self.head())) / len(self.runs_of(self.head()))
+            self.write_notes(self.notes_best())
+            self.crashes_in_a_row = 0
         return status
 
     def notes_best(self):
@@ -165,9 +227,10 @@ class Agent:
         shown = self.sh(self.block("cat notes.md", "tail -n 30 results.tsv", "git log --oneline -20")).stdout
         noise = re.search(r"B = ([\d.]+) \(current best\), M = ([\d.]+).*\ndataset: (.*)\n", shown)
         self.B, self.M, self.dataset = float(noise[1]), float(noise[2]), noise[3]
+        self.reset()
 
 
-def make_repo(directory, cache):
+def make_repo(directory, cache, **train_edits):
     """A copy of the project in a new git repo, with the user's toy-size edits committed on main."""
     repo = directory / "repo"
     repo.mkdir()
@@ -175,6 +238,7 @@ def make_repo(directory, cache):
                  "README.md"]:
         shutil.copy(ROOT / name, repo / name)
     env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "CUDA_VISIBLE_DEVICES": "",
+           "AUTORESEARCH_STEP_BUDGET": str(STEP_BUDGET), "OMP_NUM_THREADS": "1",
            "UV_PROJECT_ENVIRONMENT": str(ROOT / ".venv"), "UV_OFFLINE": "1", "UV_NO_SYNC": "1",
            "GIT_AUTHOR_NAME": "agent", "GIT_AUTHOR_EMAIL": "agent@example.com",
            "GIT_COMMITTER_NAME": "agent", "GIT_COMMITTER_EMAIL": "agent@example.com"}
@@ -188,10 +252,16 @@ def make_repo(directory, cache):
     git = lambda *args: subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True)
     git("init", "-q", "-b", "main")
     set_constants(repo / "prepare.py", HARNESS_EDITS)
-    set_constants(repo / "train.py", TOY_EDITS)
+    set_constants(repo / "train.py", {**TOY_EDITS, **train_edits})
     git("add", "-A")
     git("commit", "-qm", "toy size for a CPU")
     return repo, env
+
+
+def git_out(night, *args, check=True):
+    proc = subprocess.run(["git", *args], cwd=night["repo"], env=night["env"], capture_output=True, text=True)
+    assert not check or proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -201,42 +271,68 @@ def night(tmp_path_factory, tiny_cache):
     repo, env = make_repo(base, tiny_cache)
     first = Agent(repo, env)
     first.setup()
-    first.baseline_and_noise()
-    statuses = [first.experiment(*IMPROVE)]
+    assert first.baseline_and_noise()
+    statuses = [first.experiment(*NEAR), first.experiment(*IMPROVE)]
+    kept = first.head()
+    statuses.append(first.experiment(*NOTHING))
+    after_nothing = dict(head=first.head(), rows=len(read_results(repo)))
     notes_after_first = (repo / "notes.md").read_text()
     second = Agent(repo, env)   # the first agent's context is gone
     second.resume()
-    statuses += [second.experiment(*WORSEN), second.experiment(*CRASH), second.experiment(*HANG)]
-    return dict(repo=repo, env=env, statuses=statuses, first=first, second=second,
-                notes_after_first=notes_after_first)
+    statuses.append(second.experiment(*WORSEN))
+    second.reset()   # after a compaction the agent is not sure it reset: it does it again
+    after_double_reset = second.head()
+    statuses += [second.experiment(*CRASH), second.experiment(*HANG, limit=HANG_LIMIT), second.experiment(*KILLED)]
+    record = dict(results=(repo / "results.tsv").read_text(), notes=(repo / "notes.md").read_text(),
+                  branch_log=git_out(dict(repo=repo, env=env), "log", "--format=%h %s", "main..HEAD"))
+    third = Agent(repo, env, tag=f"{TAG}2")   # the next night, on the same branch, a new tag
+    third.setup()
+    return dict(repo=repo, env=env, statuses=statuses, first=first, second=second, third=third, kept=kept,
+                after_nothing=after_nothing, after_double_reset=after_double_reset,
+                notes_after_first=notes_after_first, **record)
 
 
-def read_results(repo):
-    lines = (repo / "results.tsv").read_text().splitlines()
+def read_results(repo, text=None):
+    lines = (text if text is not None else (repo / "results.tsv").read_text()).splitlines()
     assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
     return [line.split("\t") for line in lines[1:]]
 
 
 def test_results_tsv_has_the_expected_rows(night):
-    rows = read_results(night["repo"])
+    rows = read_results(night["repo"], night["results"])
+    assert night["statuses"] == ["discard", "keep", "not run", "discard", "crash", "crash", "crash"]
     statuses = [(status, description) for _, _, _, status, description in rows]
-    assert statuses[:3] == [("keep", "baseline"), ("discard", "baseline rerun, seed 1 (noise)"),
-                            ("discard", "baseline rerun, seed 2 (noise)")]
-    assert statuses[-4:] == [("keep", IMPROVE[0]), ("discard", WORSEN[0]), ("crash", CRASH[0]), ("crash", HANG[0])]
-    assert len(rows) == 7   # the resumed agent ran no second baseline
+    assert statuses == [("keep", "baseline"), ("discard", "baseline rerun, seed 1 (noise)"),
+                        ("discard", "baseline rerun, seed 2 (noise)"), ("discard", NEAR[0] + " rerun (noise)"),
+                        ("discard", NEAR[0]), ("keep", IMPROVE[0]), ("discard", WORSEN[0]),
+                        ("crash", CRASH[0]), ("crash", HANG[0] + " (timeout)"),
+                        ("crash", KILLED[0] + " (killed: out of memory)"), ("discard", CHECK)]
     assert rows[0][0] == rows[1][0] == rows[2][0] and all(re.fullmatch(r"[0-9a-f]{7}", r[0]) for r in rows)
+    assert rows[3][0] == rows[4][0] != rows[0][0]       # the rerun of the near miss: its commit, logged first
+    baseline = [float(r[1]) for r in rows[:3]]
+    margin, mean = max(baseline) - min(baseline), sum(baseline) / 3
+    assert -margin < float(rows[4][1]) - mean <= -margin / 2 < float(rows[3][1]) - mean   # the band, unconfirmed
+    assert rows[5][0] == rows[-1][0] == night["kept"]   # the check after 3 crashes ran the last kept commit
+    assert float(rows[-1][1]) == float(rows[5][1])      # same code, same seed, same steps: the same val_bpb
     for commit, val_bpb, memory_gb, status, _ in rows:
         assert re.fullmatch(r"\d+\.\d{6}", val_bpb) and re.fullmatch(r"\d+\.\d", memory_gb)
         assert (float(val_bpb) == 0) == (status == "crash")
 
 
+def test_no_kept_commit_is_lost(night):
+    """An edit that changed nothing is not run, and a second reset stays on the last kept commit."""
+    assert night["after_nothing"] == dict(head=night["kept"], rows=6)   # no row, no reset, nothing lost
+    assert night["after_double_reset"] == night["kept"]
+    assert [line.split(" ", 1)[1] for line in night["branch_log"].splitlines()] == [IMPROVE[0]]
+    assert night["branch_log"].split()[0][:7] == night["kept"]
+    best = git_out(night, "rev-parse", "--short=7", f"autoresearch/{TAG}-best")
+    assert best == night["kept"]
+    base = f"autoresearch/{TAG}-base"
+    assert subprocess.run(["git", "merge-base", "--is-ancestor", base, best], cwd=night["repo"]).returncode == 0
+
+
 def test_git_holds_exactly_the_kept_commits(night):
     repo, env = night["repo"], night["env"]
-    log = subprocess.run(["git", "log", "--format=%h %s", "main..HEAD"], cwd=repo, env=env, capture_output=True,
-                         text=True).stdout.split("\n")
-    assert [line.split(" ", 1)[1] for line in log if line] == [IMPROVE[0]]
-    kept = [r[0] for r in read_results(repo) if r[3] == "keep"]
-    assert log[0].split()[0][:7] == kept[-1]
     status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=repo, env=env, capture_output=True,
                             text=True).stdout
     assert "!! results.tsv" in status and "!! notes.md" in status   # untracked and ignored: they survive resets
@@ -245,25 +341,76 @@ def test_git_holds_exactly_the_kept_commits(night):
 
 
 def test_notes_are_bounded_and_agree_with_results(night):
-    repo = night["repo"]
-    notes = (repo / "notes.md").read_text()
+    notes = night["notes"]
     assert len(notes.splitlines()) <= 40 and len(night["notes_after_first"].splitlines()) <= 40
-    rows = read_results(repo)
+    rows = read_results(night["repo"], night["results"])
     baseline = [float(r[1]) for r in rows if r[0] == rows[0][0]]
     margin = max(baseline) - min(baseline)
     assert f"M = {margin:.6f}" in notes or abs(night["second"].M - margin) < 2e-6
-    best_commit, best_val = next((r[0], float(r[1])) for r in reversed(rows) if r[3] == "keep")
-    assert re.search(rf"## Best\n{best_commit} {best_val:.6f}", notes)
-    assert f"B = {best_val:.6f}" in notes
-    for description in (WORSEN[0], CRASH[0], HANG[0]):
+    kept_runs = [float(r[1]) for r in rows if r[0] == night["kept"]]   # the keep and the check after the crashes
+    assert len(kept_runs) == 2
+    assert re.search(rf"## Best\n{night['kept']} {float(rows[5][1]):.6f}", night["notes_after_first"])
+    assert f"B = {sum(kept_runs) / 2:.6f}" in notes   # B: the mean of the last kept commit's runs
+    for description in (NEAR[0], WORSEN[0], CRASH[0], HANG[0], KILLED[0]):
         assert f"- {description}" in notes
 
 
 def test_morning_report_reads_the_night(night, tmp_path):
-    repo = night["repo"]
-    png = tmp_path / "progress.png"
-    out = subprocess.run([sys.executable, "analysis.py", "results.tsv", "--png", str(png)], cwd=repo,
+    (tmp_path / "results.tsv").write_text(night["results"])
+    out = subprocess.run([sys.executable, str(ROOT / "analysis.py"), str(tmp_path / "results.tsv"), "--json"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "experiments" in out.stdout.lower() and IMPROVE[0] in out.stdout
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    s = json.loads(out.stdout)
+    assert (s["experiments"], s["reruns"], s["kept"], s["discarded"], s["crashed"]) == (6, 4, 1, 2, 3)
+    assert s["best"]["commit"] == night["kept"] and s["best"]["description"] == IMPROVE[0]
+    assert s["kept_changes"][0]["runs"] == 2   # the keep and the check of the same code
+    assert (tmp_path / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_next_night_on_the_same_branch(night):
+    """README's morning archive and program.md's setup agree: the new night starts from the last kept
+    commit, with the old record committed under runs/ and a fresh results.tsv."""
+    readme = [b for b in code_blocks((ROOT / "README.md").read_text()) if "runs/<tag>.results.tsv" in b]
+    assert readme == [night["third"].block("mv results.tsv runs/<old>.results.tsv").replace("<old>", "<tag>")]
+    repo = night["repo"]
+    assert git_out(night, "branch", "--show-current") == f"autoresearch/{TAG}2"
+    assert git_out(night, "log", "--format=%s", "-2").splitlines() == [f"results of the night {TAG}", IMPROVE[0]]
+    assert git_out(night, "rev-parse", f"autoresearch/{TAG}2-base") == git_out(night, "rev-parse", "HEAD")
+    assert (repo / "runs" / f"{TAG}.results.tsv").read_text() == night["results"]
+    assert (repo / "runs" / f"{TAG}.notes.md").read_text() == night["notes"]
+    assert (repo / "results.tsv").read_text() == "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+    assert (repo / "notes.md").read_text().startswith(f"# Notes: autoresearch/{TAG}2\n")
+
+
+def test_discards_go_back_to_the_kept_commit(tmp_path, tiny_cache):
+    """program.md's commit, keep and discard commands alone (no training): an edit that changes nothing,
+    taken for a discard, and a discard reset twice both leave the kept commit in place."""
+    repo, env = make_repo(tmp_path, tiny_cache)
+    agent = Agent(repo, env)
+    agent.sh(agent.block("git checkout -b autoresearch/<tag>"))
+    assert agent.commit(*IMPROVE)
+    agent.mark_kept()
+    kept = agent.head()
+    if agent.commit(*NOTHING):   # the unchanged code was run: no better than the kept one, a discard
+        agent.reset()
+    assert agent.head() == kept
+    assert agent.commit(*WORSEN)
+    agent.reset()
+    agent.reset()   # as after a compaction
+    assert agent.head() == kept
+    assert 'UNEMBEDDING_LR = 0.004 ' in (repo / "train.py").read_text()
+    assert "HEAD~" not in agent.text
+
+
+def test_a_crashed_baseline_stops_the_night(tmp_path_factory, tiny_cache):
+    """Nothing can be compared without a baseline: the agent logs the crash and stops for the human."""
+    repo, env = make_repo(tmp_path_factory.mktemp("crashed"), tiny_cache, HEAD_DIM="undefined_name")
+    agent = Agent(repo, env)
+    agent.setup()
+    assert agent.baseline_and_noise() is False
+    assert "If the baseline\nor one of its reruns crashes" in agent.text
+    assert read_results(repo) == [[agent.head(), "0.000000", "0.0", "crash", "baseline"]]
+    out = subprocess.run([sys.executable, str(ROOT / "analysis.py"), "results.tsv", "--no-png"], cwd=repo,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "crashed" in out.stdout.splitlines()[2]   # the baseline line
