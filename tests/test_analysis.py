@@ -10,6 +10,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -231,12 +232,12 @@ def test_messy_results_tsv_is_read(tmp_path):
 
 def test_descriptions_are_safe_to_print_and_draw(tmp_path):
     """$...$ (matplotlib mathtext), backslashes and terminal escape codes in a description."""
-    nasty = "lr $\\alpha$ \\ x\x1b]0;owned\x07\x1b[31m red \x9b2J $5 $ unbalanced"
+    nasty = "lr $\\eta_$ x2 \\ x\x1b]0;owned\x07\x1b[31m red \x9b2J $5 $ unbalanced"   # $\eta_$: bad mathtext
     path = _write(tmp_path, HEADER + ROWS.replace("warmdown 0.5→0.7", nasty))
     proc = run(path)
     assert proc.returncode == 0, proc.stderr
     assert not [c for c in proc.stdout if unicodedata.category(c) == "Cc" and c != "\n"]
-    assert r"lr $\alpha$ \ x\x1b]0;owned\x07\x1b[31m red \x9b2J $5 $ unbalanced" in proc.stdout
+    assert r"lr $\eta_$ x2 \ x\x1b]0;owned\x07\x1b[31m red \x9b2J $5 $ unbalanced" in proc.stdout
     assert (tmp_path / "progress.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -264,45 +265,48 @@ def labelled(ax, label):
     return next(c.get_offsets().tolist() for c in ax.collections if c.get_label() == label)
 
 
-def test_rerun_logged_before_its_keep(tmp_path):
+def drawn(path, monkeypatch):
+    """The axes that plot_progress draws for a results.tsv, caught as the figure is saved."""
+    figures, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
+    rows = analysis.parse_results(path)
+    analysis.plot_progress(rows, analysis.summarize(rows), path.with_name("p.png"))
+    return figures[0].axes[0]
+
+
+def test_rerun_logged_before_its_keep(tmp_path, monkeypatch):
     path = _write(tmp_path, HEADER + RERUN_FIRST)
     proc = run(path, "--json", "--no-png")
     s = json.loads(proc.stdout)
     assert (s["experiments"], s["reruns"], s["kept"]) == (2, 3, 2)
     assert s["best"] == {"commit": "c3d4e5f", "val_bpb": 0.9956, "description": "lower matrix lr"}
     assert [(k["commit"], k["runs"]) for k in s["kept_changes"]] == [("b2c3d4e", 1), ("c3d4e5f", 2)]
-    rows = analysis.parse_results(path)
-    ax = analysis.make_figure(rows, analysis.summarize(rows)).axes[0]
+    ax = drawn(path, monkeypatch)
     assert labelled(ax, "kept") == [[0, 0.9979], [1, 0.9961], [2, 0.9957]]
     assert labelled(ax, "rerun (noise)") == [[0, 0.9983], [0, 0.9971], [2, 0.9955]]
     assert "lower matrix lr" in [t.get_text() for t in ax.texts]
 
 
-def test_plot_puts_crashes_on_the_top_edge(results):
+def test_plot_puts_crashes_on_the_top_edge(results, monkeypatch):
     """Crash markers sit on the top edge (worse), never down by the best run; off-scale runs just below."""
-    rows = analysis.parse_results(results)
-    fig = analysis.make_figure(rows, analysis.summarize(rows))
-    ax = fig.axes[0]
+    ax = drawn(results, monkeypatch)
     crash = next(line for line in ax.lines if line.get_label().startswith("crash"))
     assert crash.get_xdata().tolist() == [3] and crash.get_ydata().tolist() == [1.0]   # axes fraction: the top
     assert crash.get_transform() == ax.get_xaxis_transform()
-    best = min(r["val_bpb"] for r in rows if r["val_bpb"] is not None)
-    assert ax.get_ylim()[0] < best < ax.get_ylim()[1]
+    assert ax.get_ylim()[0] < 0.9942 < ax.get_ylim()[1]   # the best run, down at the bottom
 
 
-def test_plot_axis_with_only_a_baseline(tmp_path):
-    rows = analysis.parse_results(_write(tmp_path, HEADER + "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n"))
-    ax = analysis.make_figure(rows, analysis.summarize(rows)).axes[0]
+def test_plot_axis_with_only_a_baseline(tmp_path, monkeypatch):
+    ax = drawn(_write(tmp_path, HEADER + "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n"), monkeypatch)
     bottom, top = ax.get_ylim()
     assert 0.2 < (0.9979 - bottom) / (top - bottom) < 0.8   # inside the axis, not on its edge
 
 
-def test_plot_axis_with_only_crashes(tmp_path):
+def test_plot_axis_with_only_crashes(tmp_path, monkeypatch):
     text = HEADER + "a1b2c3d\t0.000000\t0.0\tcrash\tbaseline\nb2c3d4e\t0.000000\t0.0\tcrash\ttypo\n"
-    rows = analysis.parse_results(_write(tmp_path, text))
-    summary = analysis.summarize(rows)
+    summary = analysis.summarize(analysis.parse_results(_write(tmp_path, text)))
     assert (summary["crashed"], summary["best"]["val_bpb"], summary["baseline"]["val_bpb"]) == (1, None, None)
-    ax = analysis.make_figure(rows, summary).axes[0]
+    ax = drawn(tmp_path / "results.tsv", monkeypatch)
     assert list(ax.get_yticks()) == []   # no made-up value scale
     assert any("every run crashed" in t.get_text() for t in ax.texts)
     assert analysis.main([str(tmp_path / "results.tsv")]) == 0
