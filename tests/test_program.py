@@ -285,6 +285,7 @@ def night(tmp_path_factory, tiny_cache):
     statuses += [second.experiment(*CRASH), second.experiment(*HANG, limit=HANG_LIMIT), second.experiment(*KILLED)]
     record = dict(results=(repo / "results.tsv").read_text(), notes=(repo / "notes.md").read_text(),
                   branch_log=git_out(dict(repo=repo, env=env), "log", "--format=%h %s", "main..HEAD"))
+    assert second.commit(*WORSEN)   # the human stops the agent in the middle of an experiment
     third = Agent(repo, env, tag=f"{TAG}2")   # the next night, on the same branch, a new tag
     third.setup()
     return dict(repo=repo, env=env, statuses=statuses, first=first, second=second, third=third, kept=kept,
@@ -369,7 +370,8 @@ def test_morning_report_reads_the_night(night, tmp_path):
 
 def test_next_night_on_the_same_branch(night):
     """README's morning archive and program.md's setup agree: the new night starts from the last kept
-    commit, with the old record committed under runs/ and a fresh results.tsv."""
+    commit (not from the experiment cut off when the night was stopped), with the old record committed
+    under runs/ and a fresh results.tsv."""
     readme = [b for b in code_blocks((ROOT / "README.md").read_text()) if "runs/<tag>.results.tsv" in b]
     assert readme == [night["third"].block("mv results.tsv runs/<old>.results.tsv").replace("<old>", "<tag>")]
     repo = night["repo"]
@@ -408,7 +410,7 @@ def test_a_crashed_baseline_stops_the_night(tmp_path_factory, tiny_cache):
     agent = Agent(repo, env)
     agent.setup()
     assert agent.baseline_and_noise() is False
-    assert "If the baseline\nor one of its reruns crashes" in agent.text
+    assert re.search(r"If the baseline\s+or one of its reruns crashes", agent.text)
     assert read_results(repo) == [[agent.head(), "0.000000", "0.0", "crash", "baseline"]]
     out = subprocess.run([sys.executable, str(ROOT / "analysis.py"), "results.tsv", "--no-png"], cwd=repo,
                          capture_output=True, text=True)
