@@ -97,10 +97,11 @@ def parse_results(path, warnings=None):
         rows.append(dict(line=lineno, commit=clean(get("commit")), status=status,
                          val_bpb=None if status == "crash" else _value(get("val_bpb")),
                          memory_gb=_number(get("memory_gb")), description=clean(get("description"))))
+    if not body:
+        raise ResultsError(f"{name}: no experiments yet (only the header); run the baseline and log it first")
     if not rows:
-        raise ResultsError(f"{name}: no experiments yet (only the header); run the baseline and log it first"
-                           if not body else f"{name}: none of its {len(body)} lines after the header could be read "
-                           "(see the warnings above); fix them or log the baseline")
+        raise ResultsError(f"{name}: none of the {len(body)} line{'s' * (len(body) != 1)} after the header "
+                           "could be read (see the warnings above); fix them or log the baseline")
     return rows
 
 
