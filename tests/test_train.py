@@ -356,6 +356,22 @@ def test_fa3_loader_classifies_no_network_in_one_line_without_retries(tmp_path, 
         assert f"{prepare.FA3_REPO_HOPPER}@{pin or 'v1'}: HF_HUB_OFFLINE is set" in why
 
 
+def test_hub_client_transport_errors_count_as_offline():
+    """httpx2's ConnectError (the hub client's, no OSError) from a real refused connection, bare or wrapped."""
+    import httpx2
+    try:
+        httpx2.get(f"http://127.0.0.1:{closed_port()}/api/kernels", timeout=10)
+    except Exception as e:
+        refused = e
+    try:
+        raise RuntimeError("resolving the kernel failed") from refused
+    except RuntimeError as e:
+        wrapped = e
+    assert not isinstance(refused, OSError)  # why the old `isinstance(e, OSError)` never said "offline"
+    assert prepare._is_offline(refused) and prepare._is_offline(wrapped)
+    assert not prepare._is_offline(ValueError("Version 1 not found, available versions: 2"))
+
+
 def test_fa3_pins_are_commits_not_branches():
     assert set(prepare.FA3_REVISIONS) == {prepare.FA3_REPO_HOPPER, prepare.FA3_REPO_OTHER}
     for repo, pin in prepare.FA3_REVISIONS.items():   # "" = not pinned yet (README: how to pin)
