@@ -705,6 +705,8 @@ def validation_rows(tokenizer, T, n_rows):
 # The training budget: TIME_BUDGET seconds of timed steps, or STEP_BUDGET timed steps in a smoke or test run
 # ---------------------------------------------------------------------------
 
+UNTIMED_STEPS = 11   # the first steps compile and warm up: not counted in the budget (as in the reference)
+
 
 def training_progress(training_seconds, timed_steps):
     """The fraction of the budget used after `timed_steps` steps that took `training_seconds`, at most 1."""
@@ -719,32 +721,264 @@ def budget_description():
     return f"{TIME_BUDGET}s of training"
 
 # ---------------------------------------------------------------------------
+# The GPU: found or refused, its peak FLOP/s for MFU, and the allocator setting
+# ---------------------------------------------------------------------------
+
+# Fewer out-of-memory failures from fragmentation when the device batch or the model changes between runs.
+# torch 2.9.1's CUDA caching allocator reads PYTORCH_CUDA_ALLOC_CONF; its generic allocator config reads
+# PYTORCH_ALLOC_CONF and warns in every log when only the older name is set, so both get the same value.
+# Read when CUDA first allocates, so setting them when train.py imports this file is early enough.
+if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+
+# Peak dense bf16 tensor-core FLOP/s from NVIDIA's datasheets, for MFU. Regex on the device name, first match
+# wins; a GPU not listed gets MFU "unknown" rather than a number against the wrong peak.
+GPU_PEAK_FLOPS = {
+    r"H100 NVL|H200 NVL": 835.5e12,
+    r"H100 PCIe": 756e12,
+    r"H100 (80GB HBM3|SXM)|GH200": 989.5e12,
+    r"H200": 989.5e12,
+    r"A100": 312e12,
+    r"L40S$": 362.05e12,
+    r"L40$": 181.05e12,
+    r"\bL4$": 121e12,
+    r"\bA10$": 125e12,
+    r"RTX 4090$": 165.2e12,
+    r"RTX 3090$": 71e12,
+}
+
+
+def gpu_peak_flops(gpu_name):
+    """The bf16 peak of a GPU from its device name, or None if it is not in GPU_PEAK_FLOPS."""
+    return next((flops for pattern, flops in GPU_PEAK_FLOPS.items() if re.search(pattern, gpu_name)), None)
+
+
+def steady_state_mfu(flops_per_step, step, training_seconds, peak_flops):
+    """MFU in percent after `step` steps, counting step - 10 of them as the reference does; None if unknown."""
+    if not peak_flops or training_seconds <= 0:
+        return None
+    return 100 * flops_per_step * (step - (UNTIMED_STEPS - 1)) / training_seconds / peak_flops
+
+
+def require_gpu():
+    """Stop at once, in one line, on a machine with no CUDA GPU, unless this is a step-budgeted smoke or test run."""
+    import torch
+    if STEP_BUDGET <= 0 and not torch.cuda.is_available():
+        raise SystemExit("train.py: no CUDA GPU found: a real run needs one (at the default size it would take hours "
+                         "on the CPU); `uv run prepare.py --smoke` runs this train.py at toy size on the CPU")
+
+# ---------------------------------------------------------------------------
+# Attention: one kernel for every experiment of a night, Flash Attention 3 or the PyTorch fallback
+# ---------------------------------------------------------------------------
+
+FA3_REPO_HOPPER = "varunneal/flash-attention-3"   # compute capability 9.0: H100, H200, GH200
+FA3_REPO_OTHER = "kernels-community/flash-attn3"
+# The commit of each repository that runs (a full 40-character sha, never a branch), so that a push there
+# never changes a night's kernel. "" means not pinned yet: the run then loads the commit that the
+# repository's version-1 branch points to at start-up, and names that commit in its `attention:` line.
+# README.md ("Flash Attention 3") says how to find a commit and move the pin.
+FA3_REVISIONS = {
+    FA3_REPO_HOPPER: "",
+    FA3_REPO_OTHER: "",
+}
+FA3_VERSION = 1   # the kernels-hub version branch (v1) an unpinned repository resolves to
+
+
+def _masked_attention(q, k, v, window):
+    """Plain causal attention with an explicit (T, T) mask, on (B, H, T, D): the CPU path and the reference."""
+    import torch
+    import torch.nn.functional as F
+    i = torch.arange(q.size(2), device=q.device)
+    keep = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] <= window)   # (T, T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+_block_masks = {}   # (window, T) -> flex_attention BlockMask, built once per run outside the compiled graph
+
+
+def _sliding_window_mask(window, T, device):
+    """flex_attention block mask: query i sees keys i - window ... i. Block-sparse, no T x T tensor."""
+    if (window, T) not in _block_masks:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def keep(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
+        _block_masks[window, T] = create_block_mask(keep, None, None, T, T, device=device)
+    return _block_masks[window, T]
+
+
+def _fallback_attention(q, k, v, window):
+    """Causal sliding-window attention in PyTorch on (B, T, H, D): SDPA, flex_attention on a GPU, a mask on the CPU."""
+    import torch.nn.functional as F
+    T = q.size(1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))   # (B, H, T, D)
+    if window < 0 or window >= T - 1:   # the window covers the whole causal past
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif q.is_cuda:
+        from torch.nn.attention.flex_attention import flex_attention
+        y = flex_attention(q, k, v, block_mask=_sliding_window_mask(window, T, q.device))
+    else:   # the CPU has no flex_attention backward; an explicit mask is fine at toy sizes
+        y = _masked_attention(q, k, v, window)
+    return y.transpose(1, 2)
+
+
+class Attention:
+    """
+    What train.py calls: flash_attn_func(q, k, v, causal=True, window_size=(window, 0)) on (B, T, H, D), FA3's
+    signature, where query i attends to keys i - window ... i. `path` names the kernel for the summary block.
+    """
+
+    def __init__(self, kernel, path, description):
+        self.kernel, self.path, self.description = kernel, path, description
+
+    def flash_attn_func(self, q, k, v, causal=True, window_size=(-1, -1)):
+        if not causal or window_size[1] != 0:
+            raise ValueError("the harness's attention is causal only: call it with causal=True, window_size=(w, 0)")
+        q, k = q.to(v.dtype), k.to(v.dtype)   # one dtype: under autocast the QK-norm may return float32
+        if self.kernel is None:
+            return _fallback_attention(q, k, v, window_size[0])
+        y = self.kernel.flash_attn_func(q, k, v, causal=True, window_size=window_size)
+        return y[0] if isinstance(y, tuple) else y
+
+
+def _first_line(e):
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _hub_unreachable(endpoint, timeout=3.0):
+    """Why the hub cannot be reached (one TCP connection, seconds), or None; the hub client would retry for 30 s."""
+    import socket
+    from urllib.parse import urlsplit
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None   # through a proxy a direct connection says nothing
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as e:
+        return f"cannot reach {endpoint} ({e})"
+    return None
+
+
+def _is_offline(e):
+    """Whether an exception, or one it came from, means that the hub was not reached: no network, or offline mode."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+    while e is not None:
+        if isinstance(e, (ConnectionError, TimeoutError, LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        kinds = type(e).__mro__   # the hub client's transport errors (httpx2 in huggingface_hub 2.x) are no OSError
+        if type(e).__module__.startswith("httpx") and any(k.__name__ == "TransportError" for k in kinds):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _fetch_flash_attention_3(repo):
+    """FA3's interface module from the kernels hub at its pinned commit, tried once: (module, commit) or (None, why)."""
+    from huggingface_hub import constants
+    if not constants.HF_HUB_OFFLINE:
+        unreachable = _hub_unreachable(constants.ENDPOINT)
+        if unreachable:
+            return None, f"offline: {unreachable}; HF_HUB_OFFLINE=1 uses a cached kernel without trying the network"
+    commit = FA3_REVISIONS.get(repo, "")
+    try:
+        from kernels import get_kernel
+        if not commit:
+            from kernels._rust import KernelDependency, KernelVersion
+            from kernels._versions import resolve_kernel_version
+            commit = resolve_kernel_version(KernelDependency(repo_id=repo, version=KernelVersion.Version(FA3_VERSION)),
+                                            local_files_only=constants.HF_HUB_OFFLINE)
+        return get_kernel(repo, revision=commit, trust_remote_code=[repo]).flash_attn_interface, commit
+    except Exception as e:
+        where = f"{repo}@{commit or f'v{FA3_VERSION}'}"
+        if constants.HF_HUB_OFFLINE or _is_offline(e):
+            why = "HF_HUB_OFFLINE is set and it is not in the local cache" if constants.HF_HUB_OFFLINE else \
+                f"cannot reach {constants.ENDPOINT}"
+            return None, f"offline: {where}: {why} ({_first_line(e)[:160]})"
+        return None, f"{where}: {_first_line(e)[:200]}"
+
+
+def _check_flash_attention_3(kernel, head_dim, windows, seq_len, device="cuda"):
+    """FA3's forward and backward at the model's head dim, windows and length, against the plain masked reference."""
+    import torch
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dy = (torch.randn(1, seq_len, 2, head_dim, generator=gen).to(device, torch.bfloat16) for _ in range(4))
+    for window in sorted(set(windows)):
+        results = []
+        for attend in (lambda *t: Attention(kernel, "", "").flash_attn_func(*t, causal=True, window_size=(window, 0)),
+                       lambda *t: _masked_attention(*(x.float().transpose(1, 2) for x in t), window).transpose(1, 2)):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            y = attend(*leaves)
+            y.backward(dy)
+            results.append([y.float(), *(torch.zeros_like(t) if t.grad is None else t.grad.float() for t in leaves)])
+        for name, ours, ref in zip(("output", "dq", "dk", "dv"), *results):
+            error, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
+            if not error <= 0.03 * max(scale, 1.0):   # bf16 rounding, with room; a wrong mask is off by O(1)
+                raise RuntimeError(f"{name} at window {window} differs from masked attention by {error:.3g}")
+
+
+def load_attention(device, head_dim, windows, seq_len):
+    """
+    The attention of this run, decided once: Flash Attention 3 when it loads and passes a forward and backward
+    check at the model's head dim and windows, else the PyTorch fallback (flex_attention + SDPA; SDPA on the CPU).
+    """
+    import torch
+    if torch.device(device).type != "cuda":
+        return Attention(None, "sdpa-cpu", "PyTorch SDPA with an explicit sliding-window mask (CPU; FA3 and "
+                                           "flex_attention need a GPU)")
+    repo = FA3_REPO_HOPPER if torch.cuda.get_device_capability() == (9, 0) else FA3_REPO_OTHER
+    kernel, commit = _fetch_flash_attention_3(repo)
+    why = commit
+    if kernel is not None:
+        try:
+            _check_flash_attention_3(kernel, head_dim, windows, seq_len)
+            pinned = "pinned" if FA3_REVISIONS.get(repo) else f"NOT pinned: v{FA3_VERSION} resolved now, see README"
+            return Attention(kernel, f"fa3:{repo}@{commit[:12]}", f"Flash Attention 3, {repo}@{commit} ({pinned})")
+        except Exception as e:
+            why = f"{repo}@{commit} fails its check at head_dim {head_dim}: {_first_line(e)[:200]}"
+    for window in set(windows):   # built here, once, not inside the compiled graph
+        if 0 <= window < seq_len - 1:
+            _sliding_window_mask(window, seq_len, torch.device(device))
+    return Attention(None, "flex+sdpa", f"PyTorch fallback, flex_attention (sliding windows) + causal SDPA, "
+                                        f"slower than FA3; Flash Attention 3 unavailable: {why}")
+
+# ---------------------------------------------------------------------------
 # Fitting the GPU: the device batch that fits in memory
 # ---------------------------------------------------------------------------
+
+# Out-of-memory failures that are not torch.OutOfMemoryError: cuBLAS and cuDNN report theirs as RuntimeError
+_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS")
+
+
+def _is_out_of_memory(e):
+    import torch
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in _OOM_MESSAGES))
 
 
 def fit_device_batch(model, B, T, autocast_ctx):
     """
     The largest of B, B/2, B/4, ... sequences of T tokens whose forward and backward fit in GPU memory.
     train.py keeps TOTAL_BATCH_SIZE, so more gradient accumulation makes up for a smaller device batch:
-    the same optimisation, only slower. On the GPU the first try also compiles the model.
+    the same optimisation, only slower. On the GPU the first try also compiles the model, with inputs laid
+    out as the loader yields them (views of one (B, T + 1) buffer), so that training does not compile again.
     """
     import torch
     device = next(model.parameters()).device
     while True:
         try:
-            x = torch.zeros(B, T, dtype=torch.long, device=device)
+            rows = torch.zeros(B, T + 1, dtype=torch.long, device=device)
             with autocast_ctx:
-                model(x, x).backward()
+                model(rows[:, :-1], rows[:, 1:]).backward()
             break
-        except torch.OutOfMemoryError:
-            if B == 1:
+        except Exception as e:
+            if B == 1 or not _is_out_of_memory(e):
                 raise
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":   # free the failed attempt, and forget its peak
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        print(f"DEVICE_BATCH_SIZE = {B} runs out of GPU memory: using {B // 2} (set it in train.py to skip this search)")
+        print(f"DEVICE_BATCH_SIZE = {B} runs out of GPU memory: using {B // 2} "
+              f"(set it in train.py to skip this search)")
         B //= 2
     model.zero_grad(set_to_none=True)
     return B
@@ -754,21 +988,24 @@ def fit_device_batch(model, B, T, autocast_ctx):
 # ---------------------------------------------------------------------------
 
 
-def _check_causal(model, x, logits, vocab_size):
-    """Change the future of two rows at once; no logit before a row's own change may move (nor leak across rows)."""
+def _check_causal(model, batch, before, cuts, vocab_size):
+    """
+    Change the future of two rows at once; no logit before a row's own change may move (nor leak across rows).
+    `batch` holds the rows (B, T + 1) whose logits were scored; `before[row]` the first cuts[row] of them.
+    """
     import torch
-    B, T = x.shape
-    cuts = [T // 2, T // 4][:B]
-    probe = x.clone()
+    T = batch.size(1) - 1
+    probe = batch.clone()   # sliced below exactly as the scored batch was: the same layout, no new compile
     gen = torch.Generator().manual_seed(0)
     for row, cut in enumerate(cuts):
-        shift = torch.randint(1, vocab_size, (T - cut,), generator=gen).to(x.device)
-        probe[row, cut:] = (x[row, cut:] + shift) % vocab_size   # every token from `cut` on differs
-    probe_logits = model(probe)[:len(cuts)].float().clone()   # a copy: the full output is freed at once
+        shift = torch.randint(1, vocab_size, (T - cut,), generator=gen).to(batch.device)
+        probe[row, cut:T] = (batch[row, cut:T] + shift) % vocab_size   # every input from `cut` on differs
+    probe_logits = model(probe[:, :-1])
+    after = [probe_logits[row, :cut].float().clone() for row, cut in enumerate(cuts)]   # small copies
+    del probe_logits
     for row, cut in enumerate(cuts):
-        before, after = logits[row, :cut].float(), probe_logits[row, :cut]
-        tolerance = 2 ** -7 * max(1.0, before.abs().max().item())   # bf16 rounding noise
-        moved = (before - after).abs().max().item()
+        tolerance = 2 ** -7 * max(1.0, before[row].abs().max().item())   # bf16 rounding noise
+        moved = (before[row] - after[row]).abs().max().item()
         if not moved <= tolerance:
             raise HarnessError(
                 f"the model sees the future: changing tokens from position {cut} of row {row} moved earlier "
@@ -779,7 +1016,8 @@ def _check_causal(model, x, logits, vocab_size):
 def evaluate_bpb(model, tokenizer, batch_size):
     """
     Bits per byte on the validation shard: the same EVAL_TOKENS // MAX_SEQ_LEN rows for any batch size.
-    The model gets inputs only and returns logits (B, T, V); the loss is computed here.
+    The model gets inputs only and returns logits (B, T, V); the loss is computed here. At most one batch
+    of logits is alive at a time: each is freed before the next forward, the causality probe's included.
     """
     import torch
     import torch.nn.functional as F
@@ -796,21 +1034,80 @@ def evaluate_bpb(model, tokenizer, batch_size):
         while done < n_rows:
             b = min(batch_size, n_rows - done)
             batch = torch.from_numpy(rows[done:done + b].astype(np.int64)).to(device)
-            x, y = batch[:, :-1], batch[:, 1:]
+            x, y = batch[:, :-1], batch[:, 1:]   # views with row stride T + 1, as the training loader yields
             logits = model(x)
             if not (torch.is_tensor(logits) and logits.dim() == 3 and logits.shape[:2] == (b, T)
                     and logits.shape[2] >= vocab_size):
                 shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
                 raise HarnessError(f"model(x) must return logits of shape (B, T, >= {vocab_size}), got {shape}")
-            if done == 0:
-                _check_causal(model, x, logits, vocab_size)
+            if done == 0:   # the causality probe compares these positions: copied, so that the batch can go
+                cuts = [T // 2, T // 4][:b]
+                before = [logits[row, :cut].float().clone() for row, cut in enumerate(cuts)]
             for i in range(0, b, 8):   # in chunks, so that float32 log-probs never need a second full copy
                 nats = F.cross_entropy(logits[i:i + 8].float().flatten(0, 1), y[i:i + 8].flatten(), reduction="none")
                 nbytes = token_bytes[y[i:i + 8].flatten()]
                 total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
                 total_bytes += nbytes.sum(dtype=torch.int64)
+            del logits, nats   # before the next forward: one batch of logits alive at a time
+            if done == 0:
+                _check_causal(model, batch, before, cuts, vocab_size)
+                del before
             done += b
         return total_nats.item() / (math.log(2) * total_bytes.item())
+
+# ---------------------------------------------------------------------------
+# Smoke run: the current train.py at toy size through this harness, on the GPU if there is one, else the CPU
+# ---------------------------------------------------------------------------
+
+SMOKE_SEQ_LEN = 128                    # MAX_SEQ_LEN of a smoke run
+SMOKE_EVAL_TOKENS = 16 * SMOKE_SEQ_LEN   # EVAL_TOKENS of a smoke run: 16 validation rows
+SMOKE_STEPS = 3                          # timed steps (AUTORESEARCH_STEP_BUDGET), after the UNTIMED_STEPS
+SMOKE_SIZE = dict(DEPTH=2, ASPECT_RATIO=32, HEAD_DIM=64, DEVICE_BATCH_SIZE=4,   # train.py's lines replaced
+                  TOTAL_BATCH_SIZE=2 * 4 * SMOKE_SEQ_LEN)                       # 2 micro-steps per step
+
+
+def smoke_script(src, seq_len=SMOKE_SEQ_LEN, eval_tokens=SMOKE_EVAL_TOKENS, **edits):
+    """
+    train.py's source at toy size: each line `NAME = ...` of SMOKE_SIZE (and of `edits`, which must exist)
+    replaced, and the harness's sequence length and evaluation size shrunk in that process only.
+    """
+    for name, value in {**SMOKE_SIZE, **edits}.items():
+        src, n = re.subn(rf"^{name} = .*$", f"{name} = {value}", src, flags=re.M)
+        if n != 1 and name in edits:
+            raise HarnessError(f"train.py has no single line `{name} = ...` to set")
+    shrink = (f"import prepare  # smoke run: the harness's constants shrunk in this process only\n"
+              f"prepare.MAX_SEQ_LEN = MAX_SEQ_LEN = {seq_len}\nprepare.EVAL_TOKENS = {eval_tokens}\n")
+    src, n = re.subn(r"^from prepare import (\([^)]*\)|.*)$", lambda m: m.group(0) + "\n" + shrink, src,
+                     count=1, flags=re.M)
+    if n != 1:
+        raise HarnessError("train.py has no line `from prepare import ...`: it must take the harness from prepare.py")
+    return src
+
+
+def run_smoke(train_path=None, steps=SMOKE_STEPS):
+    """Run a toy-size copy of train.py (the current one, with the agent's edits) to its summary block; its exit code."""
+    import subprocess
+    import sys
+    import tempfile
+    train_path = Path(train_path or Path(__file__).with_name("train.py"))
+    try:
+        Tokenizer.from_directory()
+        list_shards("val"), list_shards("train")
+    except HarnessError:
+        raise HarnessError(f"--smoke needs a prepared cache and {DATA_DIR.parent} has none: run `uv run prepare.py` "
+                           f"first (or with --source DIR)") from None
+    size = ", ".join(f"{k}={v}" for k, v in SMOKE_SIZE.items())
+    print(f"smoke: {train_path} at toy size ({size}, MAX_SEQ_LEN={SMOKE_SEQ_LEN}), {steps} timed steps, "
+          f"on the GPU if there is one; data: {DATASET}", flush=True)
+    pythonpath = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "AUTORESEARCH_STEP_BUDGET": str(steps), "PYTHONPATH": pythonpath}   # imports this prepare.py
+    with tempfile.TemporaryDirectory(prefix="autoresearch-smoke-") as tmp:
+        script = Path(tmp) / "train.py"
+        script.write_text(smoke_script(train_path.read_text()))
+        code = subprocess.run([sys.executable, str(script)], cwd=train_path.parent, env=env).returncode
+    if code != 0:
+        raise HarnessError(f"the smoke run of {train_path} failed (exit code {code}): the lines above say why")
+    return 0
 
 # ---------------------------------------------------------------------------
 # Command line
@@ -827,7 +1124,11 @@ def main(argv=None):
     source.add_argument("--dataset", metavar="NAME", help="convert a Hugging Face dataset (or a local directory "
                         "that datasets.load_dataset reads) into a cache of its own, and make it the active one")
     parser.add_argument("--text-column", metavar="COL", help="the text column of --dataset (default: text)")
+    parser.add_argument("--smoke", action="store_true", help="instead: run the current train.py at toy size through "
+                        "the harness (GPU if any, else CPU; needs a prepared cache) and print its summary block")
     args = parser.parse_args(argv)
+    if args.smoke:
+        return run_smoke()
     if args.text_column and not args.dataset:
         parser.error("--text-column goes with --dataset")
     name = dataset_name(args.dataset) if args.dataset else None

@@ -5,13 +5,12 @@ Train a small GPT for a fixed 5-minute budget on one GPU, then score it with val
 
 This is the file the agent edits. It holds the whole model, the Muon+AdamW optimizer,
 the training loop and the summary block that program.md greps. With no CUDA GPU it
-runs on the CPU (slowly, at toy size, for tests and smoke checks).
+stops at once; `uv run prepare.py --smoke` runs it at toy size on the CPU.
 """
 
 import gc
 import math
 import os
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -20,25 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from prepare import (DATASET, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, budget_description, evaluate_bpb, fit_device_batch,
-                     make_dataloader, training_progress)
-
-# Peak dense bf16 tensor-core FLOP/s from NVIDIA's datasheets, for MFU. Regex on the device name, first match
-# wins; a GPU not listed gets MFU "unknown" rather than a number against the wrong peak.
-GPU_PEAK_FLOPS = {
-    r"H100 PCIe": 756e12,
-    r"H100 (80GB HBM3|SXM)|GH200": 989.5e12,
-    r"H200$": 989.5e12,
-    r"A100": 312e12,
-    r"L40S$": 362.05e12,
-    r"L40$": 181.05e12,
-    r"\bL4$": 121e12,
-    r"\bA10$": 125e12,
-    r"RTX 4090$": 165.2e12,
-    r"RTX 3090$": 71e12,
-}
+from prepare import (DATASET, MAX_SEQ_LEN, TIME_BUDGET, UNTIMED_STEPS, Tokenizer, budget_description, evaluate_bpb,
+                     fit_device_batch, gpu_peak_flops, load_attention, make_dataloader, require_gpu, steady_state_mfu,
+                     training_progress)
 
 # ---------------------------------------------------------------------------
 # GPT model
@@ -89,59 +73,6 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-# Flash Attention 3 when load_flash_attention_3() succeeds at start-up; None means the PyTorch fallback below
-fa3 = None
-_sliding_window_masks = {}  # (window, T) -> flex BlockMask, each built once
-
-
-def load_flash_attention_3():
-    """Flash Attention 3 from the kernels hub, tried once: returns (module, repo) or (None, why it failed)."""
-    major, minor = torch.cuda.get_device_capability()
-    repo = "varunneal/flash-attention-3" if (major, minor) == (9, 0) else "kernels-community/flash-attn3"
-    reason = ""
-    for pin in (dict(version=1), dict(revision="main")):  # kernels >= 0.15 wants one of the two, explicitly
-        try:
-            from kernels import get_kernel
-            module = get_kernel(repo, **pin, trust_remote_code=[repo]).flash_attn_interface
-            q = torch.zeros(1, 128, 1, 64, device="cuda", dtype=torch.bfloat16)
-            module.flash_attn_func(q, q, q, causal=True, window_size=(64, 0))  # fail here, not at step 0
-            return module, f"{repo}, {pin}"
-        except Exception as e:
-            reason = f"{repo}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-            if isinstance(e, OSError) and getattr(e, "response", None) is None:  # no answer: no network, no cache
-                reason += " (offline? HF_HUB_OFFLINE=1 skips the download attempt)"
-                break
-    return None, reason
-
-
-def sliding_window_mask(window, T, device):
-    """flex_attention block mask: query i sees keys i - window ... i. Block-sparse, no T x T tensor."""
-    if (window, T) not in _sliding_window_masks:
-        def keep(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
-        _sliding_window_masks[window, T] = create_block_mask(keep, None, None, T, T, device=device)
-    return _sliding_window_masks[window, T]
-
-
-def attention(q, k, v, window):
-    """Causal attention on (B, T, H, D); query i attends to keys i - window ... i (FA3's window_size=(window, 0))."""
-    T = q.size(1)
-    q, k = q.to(v.dtype), k.to(v.dtype)  # one dtype: under autocast the QK-norm may return float32
-    if fa3 is not None:
-        y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
-        return y[0] if isinstance(y, tuple) else y
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-    if window >= T - 1:  # the window covers the whole causal past
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    elif q.is_cuda:
-        y = flex_attention(q, k, v, block_mask=sliding_window_mask(window, T, q.device))
-    else:  # the CPU has no flex_attention backward; an explicit mask is fine at toy sizes
-        i = torch.arange(T, device=q.device)
-        keep = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] <= window)  # (T, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-    return y.transpose(1, 2)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -165,7 +96,7 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view_as(v)
         cos, sin = cos_sin
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))  # RoPE, then QK-norm
-        y = attention(q, k, v, window)
+        y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))  # set up once by the harness
         return self.c_proj(y.contiguous().view(B, T, C))
 
 
@@ -256,6 +187,9 @@ class GPT(nn.Module):
         for shape in sorted({p.shape for p in matrices}):  # one Muon group per shape, updated stacked
             param_groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=matrix_lr,
                                      momentum=0.95, beta2=0.95, weight_decay=weight_decay))
+        grouped = [id(p) for group in param_groups for p in group["params"]]
+        missing = [name for name, p in self.named_parameters() if grouped.count(id(p)) != 1]
+        assert not missing, f"every parameter must be in exactly one optimizer group, not so: {', '.join(missing)}"
         optimizer = MuonAdamW(param_groups)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
@@ -418,32 +352,28 @@ FINAL_LR_FRAC = 0.0          # lr multiplier reached at the end of the warm-down
 
 t_start = time.time()
 torch.manual_seed(int(os.environ.get("SEED", 42)))  # 42; program.md's noise reruns set SEED=1, 2
+require_gpu()  # no CUDA GPU: stop here in one line (a smoke or test run, with a step budget, goes on on the CPU)
 if torch.cuda.is_available():
     device = torch.device("cuda")
     torch.set_float32_matmul_precision("high")  # TF32 matmuls
     autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
     gpu_name = torch.cuda.get_device_name()
-    peak_flops = next((f for pattern, f in GPU_PEAK_FLOPS.items() if re.search(pattern, gpu_name)), None)
+    peak_flops = gpu_peak_flops(gpu_name)
     peak = f"{peak_flops / 1e12:.1f} TFLOP/s bf16 peak" if peak_flops else "not in GPU_PEAK_FLOPS: MFU unknown"
     print(f"device: cuda ({gpu_name}, {peak}), bf16 autocast, torch.compile")
-    fa3, source = load_flash_attention_3()
-    if fa3 is not None:
-        print(f"attention: Flash Attention 3 ({source})")
-    else:
-        print(f"attention: PyTorch fallback, flex_attention (sliding windows) + causal SDPA; "
-              f"Flash Attention 3 unavailable: {source}")
 else:
     device = torch.device("cpu")
     autocast_ctx = nullcontext()
     peak_flops = None
-    print("device: cpu (no CUDA GPU found): float32, no torch.compile, MFU unknown; a slow run for tests and smoke checks")
-    print("attention: PyTorch SDPA on the CPU (Flash Attention 3 and flex_attention need a GPU)")
+    print("device: cpu (no CUDA GPU found): float32, no torch.compile, MFU unknown; a smoke or test run")
 
 tokenizer = Tokenizer.from_directory()
 vocab_size = tokenizer.get_vocab_size()
 model_dim = -(-DEPTH * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM  # rounded up to a multiple of HEAD_DIM
 config = GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size, n_layer=DEPTH, n_head=model_dim // HEAD_DIM,
                    n_kv_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN)
+fa3 = load_attention(device, HEAD_DIM, window_sizes(config), MAX_SEQ_LEN)  # FA3 if it loads and checks out
+print(f"attention: {fa3.description}")
 with torch.device("meta"):  # build without allocating, then materialise on the device and initialise
     model = GPT(config)
 model.to_empty(device=device)
@@ -456,10 +386,6 @@ print(f"parameters: {num_params:,} | FLOPs per token: {num_flops_per_token:.4e} 
 optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
                                   weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
 if device.type == "cuda":
-    if fa3 is None:  # block masks are built here, once, not inside the compiled graph
-        for window in set(model.window_sizes):
-            if window < MAX_SEQ_LEN - 1:
-                sliding_window_mask(window, MAX_SEQ_LEN, device)
     model = torch.compile(model, dynamic=False)
 
 device_batch_size = fit_device_batch(model, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, autocast_ctx)  # halved until it fits
@@ -469,7 +395,7 @@ grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
 
 train_loader = make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "train", device=device)
 x, y, epoch = next(train_loader)  # prefetch the first batch
-print(f"budget: {budget_description()} after 11 untimed warm-up steps | "
+print(f"budget: {budget_description()} after {UNTIMED_STEPS} untimed warm-up steps | "
       f"{grad_accum_steps} micro-steps of {device_batch_size} x {MAX_SEQ_LEN} tokens per step")
 
 # ---------------------------------------------------------------------------
@@ -517,7 +443,7 @@ while True:
         train_loss = loss.detach()
         (loss / grad_accum_steps).backward()
         x, y, epoch = next(train_loader)
-    progress = training_progress(training_seconds, max(step - 11, 0))
+    progress = training_progress(training_seconds, max(step - UNTIMED_STEPS, 0))
     lrm = get_lr_multiplier(progress)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
@@ -534,11 +460,11 @@ while True:
         sys.exit(1)
     sync()
     dt = time.time() - t0
-    if step > 10:  # the first 11 steps compile and warm up: not timed
+    if step >= UNTIMED_STEPS:  # the first steps compile and warm up: not timed
         training_seconds += dt
     else:
         warmup_seconds += dt
-    done = step > 10 and training_progress(training_seconds, step - 10) >= 1.0
+    done = step >= UNTIMED_STEPS and training_progress(training_seconds, step + 1 - UNTIMED_STEPS) >= 1.0
 
     smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss_f
     debiased_loss = smooth_loss / (1 - 0.9 ** (step + 1))
@@ -568,23 +494,26 @@ if interactive:
 # ---------------------------------------------------------------------------
 # Evaluation: the fixed metric from prepare.py
 
+on_gpu = device.type == "cuda"
+peak_train_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else 0.0
+if on_gpu:
+    torch.cuda.reset_peak_memory_stats()  # from here on, the peak of evaluation alone
 model.eval()
 t_eval = time.time()
 with autocast_ctx:
     val_bpb = evaluate_bpb(model, tokenizer, device_batch_size)
-print(f"overhead: {t_loop - t_start:.1f}s start-up, {warmup_seconds:.1f}s in the 11 untimed warm-up steps, "
-      f"{time.time() - t_eval:.1f}s evaluation")
+peak_eval_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else 0.0
+print(f"overhead: {t_loop - t_start:.1f}s start-up, {warmup_seconds:.1f}s in the {UNTIMED_STEPS} untimed warm-up "
+      f"steps, {time.time() - t_eval:.1f}s evaluation")
+print(f"memory: peak {peak_train_mb:.1f} MB in training, {peak_eval_mb:.1f} MB in evaluation")
 
 # ---------------------------------------------------------------------------
 # Summary (program.md greps these lines: keep the keys, order and format)
 
 total_tokens = step * TOTAL_BATCH_SIZE
-timed_tokens = (step - 11) * TOTAL_BATCH_SIZE
-if peak_flops and training_seconds > 0:
-    mfu_percent = f"{100 * num_flops_per_token * timed_tokens / training_seconds / peak_flops:.2f}"
-else:
-    mfu_percent = "unknown"
-peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if device.type == "cuda" else 0.0
+mfu = steady_state_mfu(num_flops_per_token * TOTAL_BATCH_SIZE, step, training_seconds, peak_flops)
+mfu_percent = f"{mfu:.2f}" if mfu is not None else "unknown"
+peak_vram_mb = max(peak_train_mb, peak_eval_mb)
 print("---")
 print(f"val_bpb:          {val_bpb:.6f}")
 print(f"training_seconds: {training_seconds:.1f}")
@@ -596,3 +525,4 @@ print(f"num_steps:        {step}")
 print(f"num_params_M:     {num_params / 1e6:.1f}")
 print(f"depth:            {DEPTH}")
 print(f"dataset:          {DATASET}")
+print(f"attention:        {fa3.path}")

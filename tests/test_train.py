@@ -1,15 +1,25 @@
-"""train.py on the CPU: model size and FLOPs, the optimizer and attention against references, the fast fail, a toy run."""
+"""
+train.py on the CPU: model size and FLOPs, the optimizer and the harness's attention against references,
+compiling once, lean evaluation, the fast fail, the refusal without a GPU, and the smoke run.
+"""
 
 import math
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import time
 import types
+import weakref
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
+
+import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "train.py"
@@ -23,6 +33,7 @@ def load_train_definitions():
     module = types.ModuleType("train_definitions")
     sys.modules[module.__name__] = module  # dataclasses look up their module
     exec(compile(prefix, str(TRAIN), "exec"), module.__dict__)
+    module.fa3 = prepare.load_attention(torch.device("cpu"), 64, [], 0)  # what train.py's setup does, on the CPU
     return module
 
 
@@ -31,35 +42,30 @@ def tr():
     return load_train_definitions()
 
 
-def toy_copy(directory, harness_lines="", **edits):
-    """A copy of train.py edited the way a user would: hyperparameter lines replaced, harness constants shrunk."""
-    src = TRAIN.read_text()
-    for name, value in edits.items():
-        src, n = re.subn(rf"^{name} = .*$", f"{name} = {value}", src, flags=re.M)
-        assert n == 1, f"train.py has no single `{name} = ...` line"
-    src, n = re.subn(r"^from prepare import (\([^)]*\)|.*)$", lambda m: m.group(0) + "\n" + harness_lines, src,
-                     flags=re.M)
-    assert n == 1
+def toy_copy(directory, **edits):
+    """train.py at the smoke run's toy size (prepare.smoke_script), with a few more hyperparameter lines edited."""
     path = Path(directory) / "train.py"
-    path.write_text(src)
+    path.write_text(prepare.smoke_script(TRAIN.read_text(), **edits))
     return path
 
 
 STEP_BUDGET = 3  # timed steps of a toy run: its outcome depends on the seed, never on the machine's speed
 
 
+def subprocess_env(cache, **extra):
+    """One torch thread, the CPU path even on a GPU machine, the given cache; no step budget unless given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "HF_"))}
+    return {**env, "AUTORESEARCH_CACHE": str(cache), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
 def run_script(path, cache, log_path, timeout=240):
-    """`python train.py > run.log 2>&1` against the tiny cache; returns (returncode, log bytes)."""
-    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "AUTORESEARCH_STEP_BUDGET": str(STEP_BUDGET),
-           "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, even on a GPU machine
+    """`python train.py > run.log 2>&1` against the tiny cache, step-budgeted; returns (returncode, log bytes)."""
+    env = subprocess_env(cache, AUTORESEARCH_STEP_BUDGET=str(STEP_BUDGET))
     with open(log_path, "wb") as log:
         proc = subprocess.run([sys.executable, str(path)], cwd=path.parent, env=env, stdout=log,
                               stderr=subprocess.STDOUT, timeout=timeout)
     return proc.returncode, Path(log_path).read_bytes()
-
-
-TOY = dict(DEPTH="2", ASPECT_RATIO="32", HEAD_DIM="32", DEVICE_BATCH_SIZE="8", TOTAL_BATCH_SIZE="8 * 64 * 2")
 
 # ---------------------------------------------------------------------------
 # Model size, names and FLOPs at the reference defaults (meta device: nothing allocated)
@@ -131,6 +137,14 @@ def test_optimizer_groups(tr):
     assert all(g["lr"] == 0.04 and g["momentum"] == 0.95 and g["weight_decay"] == 0.2 for g in muon)
     assert all(g["initial_lr"] == g["lr"] for g in opt.param_groups)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_a_parameter_in_no_optimizer_group_fails_loudly(tr):
+    model = default_model(tr)
+    model.logit_scale = torch.nn.Parameter(torch.ones((), device="meta"))  # the agent adds a parameter...
+    with pytest.raises(AssertionError, match="exactly one optimizer group.*logit_scale"):  # ...that would never train
+        model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, weight_decay=0.2,
+                              adam_betas=(0.8, 0.95), scalar_lr=0.5)
 
 # ---------------------------------------------------------------------------
 # Optimizer: AdamW against torch.optim.AdamW, Muon against a plain per-matrix rewrite of SPEC
@@ -249,7 +263,7 @@ def test_changing_hyperparameters_does_not_recompile(tr):
     torch._dynamo.reset()
 
 # ---------------------------------------------------------------------------
-# Attention: the PyTorch fallback against an explicit masked softmax
+# Attention, in the harness: the fallback against an explicit masked softmax, FA3's check and its loader
 
 
 def reference_attention(q, k, v, window):
@@ -262,13 +276,14 @@ def reference_attention(q, k, v, window):
     return torch.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def check_attention(tr, window, T, device, atol):
+def check_attention(attention, window, T, device, atol):
     gen = torch.Generator().manual_seed(window)
     q, k, v, dy = (torch.randn(2, T, 3, 16, generator=gen).to(device) for _ in range(4))
     grads = []
-    for fn in (tr.attention, reference_attention):
+    for fn in (lambda *t: attention.flash_attn_func(*t, causal=True, window_size=(window, 0)),
+               lambda *t: reference_attention(*t, window)):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        y = fn(*leaves, window)
+        y = fn(*leaves)
         y.backward(dy)
         grads.append((y.detach(), *(t.grad for t in leaves)))
     for ours, ref in zip(*grads):
@@ -276,16 +291,99 @@ def check_attention(tr, window, T, device, atol):
 
 
 @pytest.mark.parametrize("window", [64, 63, 16, 1, 0])
-def test_fallback_attention_matches_masked_softmax(tr, window):
-    assert tr.fa3 is None
-    check_attention(tr, window, T=64, device="cpu", atol=1e-5)
+def test_fallback_attention_matches_masked_softmax(window):
+    attention = prepare.load_attention(torch.device("cpu"), 16, [window], 64)
+    assert attention.kernel is None and attention.path == "sdpa-cpu"
+    check_attention(attention, window, T=64, device="cpu", atol=1e-5)
 
 
 @needs_cuda
 @pytest.mark.parametrize("window", [256, 128, 100])
-def test_flex_attention_matches_masked_softmax_on_gpu(tr, window):
-    check_attention(tr, window, T=256, device="cuda", atol=1e-3)
+def test_flex_attention_matches_masked_softmax_on_gpu(window):
+    check_attention(prepare.Attention(None, "flex+sdpa", ""), window, T=256, device="cuda", atol=1e-3)
 
+
+class FakeKernel:
+    """Stands in for FA3's interface module on the CPU: the fallback's math, optionally with one thing broken."""
+
+    def __init__(self, broken=None):
+        self.broken = broken
+
+    def flash_attn_func(self, q, k, v, causal, window_size):
+        window = q.size(1) if self.broken == "window" else window_size[0]   # ignores the sliding window
+        y = prepare._fallback_attention(q, k, v, window)
+        if self.broken == "backward":   # right forward, no gradient for q and k
+            y = y.detach() + (v - v.detach()).mean() * 0
+        return y, None   # FA3 returns (out, softmax_lse)
+
+
+@pytest.mark.parametrize("broken, message", [(None, None), ("backward", "dq at window"), ("window", "output at window 16")])
+def test_fa3_check_runs_forward_and_backward_at_the_real_head_dim_and_windows(broken, message):
+    check = lambda: prepare._check_flash_attention_3(FakeKernel(broken), 64, [16, 32, 32], 32, device="cpu")
+    if message is None:
+        check()
+    else:
+        with pytest.raises(RuntimeError, match=message):
+            check()
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]   # nothing listens there once the socket is closed
+
+
+FETCH = ("import prepare, sys; prepare.FA3_REVISIONS[prepare.FA3_REPO_HOPPER] = sys.argv[1]; "
+         "kernel, why = prepare._fetch_flash_attention_3(prepare.FA3_REPO_HOPPER); print(kernel, why, sep='|')")
+
+
+@pytest.mark.parametrize("pin", ["", "0123456789abcdef0123456789abcdef01234567"])
+@pytest.mark.parametrize("how", ["closed port", "HF_HUB_OFFLINE"])
+def test_fa3_loader_classifies_no_network_in_one_line_without_retries(tmp_path, pin, how):
+    """The real hub client, really offline: one line saying so, and no minute of retries."""
+    port = closed_port()
+    net = {"HF_ENDPOINT": f"http://127.0.0.1:{port}"} if how == "closed port" else {"HF_HUB_OFFLINE": "1"}
+    env = subprocess_env(tmp_path / "cache", HF_HOME=str(tmp_path / "hf"), **net)
+    proc = subprocess.run([sys.executable, "-c", FETCH, pin], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kernel, why = proc.stdout.strip().split("|")
+    assert kernel == "None" and why.startswith("offline: ") and "\n" not in why
+    assert "Retry" not in proc.stderr   # the hub client's backoff never started
+    if how == "closed port":
+        assert f"cannot reach http://127.0.0.1:{port}" in why
+    else:
+        assert f"{prepare.FA3_REPO_HOPPER}@{pin or 'v1'}: HF_HUB_OFFLINE is set" in why
+
+
+def test_hub_client_transport_errors_count_as_offline():
+    """httpx2's ConnectError (the hub client's, no OSError) from a real refused connection, bare or wrapped."""
+    import httpx2
+    try:
+        httpx2.get(f"http://127.0.0.1:{closed_port()}/api/kernels", timeout=10)
+    except Exception as e:
+        refused = e
+    try:
+        raise RuntimeError("resolving the kernel failed") from refused
+    except RuntimeError as e:
+        wrapped = e
+    assert not isinstance(refused, OSError)  # why the old `isinstance(e, OSError)` never said "offline"
+    assert prepare._is_offline(refused) and prepare._is_offline(wrapped)
+    assert not prepare._is_offline(ValueError("Version 1 not found, available versions: 2"))
+
+
+def test_fa3_pins_are_commits_not_branches():
+    assert set(prepare.FA3_REVISIONS) == {prepare.FA3_REPO_HOPPER, prepare.FA3_REPO_OTHER}
+    for repo, pin in prepare.FA3_REVISIONS.items():   # "" = not pinned yet (README: how to pin)
+        assert pin == "" or re.fullmatch(r"[0-9a-f]{40}", pin), f"{repo}: {pin!r} is not a full commit sha"
+
+
+def test_train_py_calls_the_harness_attention_once_and_holds_no_kernel_code():
+    src = TRAIN.read_text()
+    assert src.count("load_attention(") == 1
+    assert src.count("fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))") == 1
+    for gone in ("get_kernel", "flex_attention", "create_block_mask", "GPU_PEAK_FLOPS = {"):
+        assert gone not in src
 
 def test_tiny_model_is_causal_and_learns(tr):
     """A few CPU steps on a repeated batch: logits (B, T, V) that ignore the future, and a falling loss."""
@@ -309,65 +407,6 @@ def test_tiny_model_is_causal_and_learns(tr):
     probe = x.clone()
     probe[:, 20:] = (probe[:, 20:] + 1) % 64
     assert torch.allclose(model(probe)[:, :20], logits[:, :20], atol=1e-5)
-
-# ---------------------------------------------------------------------------
-# The script itself: fast fail, and an end-to-end toy run (subprocesses against the tiny cache)
-
-
-def test_nan_loss_prints_fail_and_exits_1(tmp_path, tiny_cache, harness):
-    shrink = f"import prepare\nprepare.MAX_SEQ_LEN = MAX_SEQ_LEN = {harness.MAX_SEQ_LEN}\n"
-    path = toy_copy(tmp_path, shrink, **TOY, MATRIX_LR='float("nan")')  # a bad edit: every update is NaN
-    code, log = run_script(path, tiny_cache, tmp_path / "run.log")
-    text = log.decode()
-    assert code == 1, text[-2000:]
-    assert text.splitlines()[-1] == "FAIL"
-    assert "loss nan at step 1" in text and "val_bpb" not in text
-
-
-def test_toy_run_end_to_end(tmp_path, tiny_cache, harness):
-    T, eval_tokens = harness.MAX_SEQ_LEN, harness.EVAL_TOKENS
-    shrink = (f"import prepare  # test copy: harness constants shrunk in-process\n"
-              f"prepare.MAX_SEQ_LEN = MAX_SEQ_LEN = {T}\nprepare.EVAL_TOKENS = {eval_tokens}\n")
-    path = toy_copy(tmp_path, shrink, **TOY)
-    code, log = run_script(path, tiny_cache, tmp_path / "run.log")
-    text = log.decode()
-    assert code == 0, text[-3000:]
-    assert b"\r" not in log  # redirected: ordinary lines, no in-place progress line
-    lines = text.splitlines()
-    assert lines[0].startswith("device: cpu") and lines[1].startswith("attention: ")
-    assert any(line.startswith("step 00000 ") for line in lines)
-
-    # The summary block: `---`, then SPEC's 9 keys and our `dataset` padded to one column, fixed decimals
-    formats = [("val_bpb", r"\d+\.\d{6}"), ("training_seconds", r"\d+\.\d"), ("total_seconds", r"\d+\.\d"),
-               ("peak_vram_mb", r"\d+\.\d"), ("mfu_percent", r"\d+\.\d\d|unknown"), ("total_tokens_M", r"\d+\.\d"),
-               ("num_steps", r"\d+"), ("num_params_M", r"\d+\.\d"), ("depth", r"\d+"), ("dataset", r"\S+")]
-    assert lines[-11] == "---"
-    summary = {}
-    for line, (key, fmt) in zip(lines[-10:], formats):
-        assert re.fullmatch(rf"{key}:\s+({fmt})", line) and line.index(line.split()[1]) == 18, line
-        summary[key] = line.split()[1]
-    assert summary["depth"] == "2" and summary["mfu_percent"] == "unknown" and summary["peak_vram_mb"] == "0.0"
-    assert summary["dataset"] == "local:" + str(tiny_cache.parent / "corpus")   # the tiny cache came from --source
-    steps = int(summary["num_steps"])
-    assert steps == 11 + STEP_BUDGET   # the untimed warm-up steps, then the step budget
-    assert f"budget: {STEP_BUDGET} timed steps" in text
-    assert float(summary["total_tokens_M"]) == pytest.approx(round(steps * 8 * T * 2 / 1e6, 1))
-
-    # program.md's grep finds it, and the model beats the uniform distribution's bits per byte
-    grep = subprocess.run(["grep", "^val_bpb:", str(tmp_path / "run.log")], capture_output=True, text=True)
-    val_bpb = float(grep.stdout.split()[1])
-    tokenizer = harness.Tokenizer.from_directory()
-
-    class Uniform(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unused = torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, x):
-            return torch.zeros(*x.shape, tokenizer.get_vocab_size())
-
-    uniform_bpb = harness.evaluate_bpb(Uniform(), tokenizer, 8)
-    assert val_bpb < 0.95 * uniform_bpb, (val_bpb, uniform_bpb)
 
 # ---------------------------------------------------------------------------
 # Fitting the GPU: a smaller device batch with more accumulation is the same optimisation
@@ -401,11 +440,36 @@ def test_gradient_accumulation_gives_the_same_step(tr, harness):
     assert abs(other_data - full) > 100 * abs(quarter - full)   # the comparison can tell steps apart
 
 
-def test_out_of_memory_halves_the_device_batch(tmp_path, tiny_cache, harness):
-    T = harness.MAX_SEQ_LEN
-    shrink = (f"import prepare\nprepare.MAX_SEQ_LEN = MAX_SEQ_LEN = {T}\nprepare.EVAL_TOKENS = {harness.EVAL_TOKENS}\n"
-              f"TIME_BUDGET = 2\n")
-    path = toy_copy(tmp_path, shrink, **TOY)
+class Greedy(torch.nn.Module):
+    """Fits at most 2 sequences: beyond that it fails the way a GPU does (or with another error)."""
+
+    def __init__(self, error):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.error = error
+
+    def forward(self, x, y):
+        if x.size(0) > 2:
+            raise self.error
+        return (self.w * x.float()).sum()
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB"),
+                                   RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"),
+                                   RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"),
+                                   RuntimeError("NVML_SUCCESS == r INTERNAL ASSERT FAILED: out of memory")])
+def test_every_out_of_memory_variant_halves_the_device_batch(harness, error, capsys):
+    assert harness.fit_device_batch(Greedy(error), 8, 16, nullcontext()) == 2
+    assert "DEVICE_BATCH_SIZE = 4 runs out of GPU memory: using 2" in capsys.readouterr().out
+
+
+def test_other_errors_are_not_taken_for_out_of_memory(harness):
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        harness.fit_device_batch(Greedy(RuntimeError("mat1 and mat2 shapes cannot be multiplied")), 8, 16, nullcontext())
+
+
+def test_out_of_memory_halves_the_device_batch(tmp_path, tiny_cache):
+    path = toy_copy(tmp_path, DEVICE_BATCH_SIZE="8", TOTAL_BATCH_SIZE=f"8 * {prepare.SMOKE_SEQ_LEN} * 2")
     src = path.read_text()
     forward = '    def forward(self, idx, targets=None, reduction="mean"):\n'
     assert src.count(forward) == 1
@@ -417,5 +481,208 @@ def test_out_of_memory_halves_the_device_batch(tmp_path, tiny_cache, harness):
     assert code == 0, text[-3000:]
     assert "DEVICE_BATCH_SIZE = 8 runs out of GPU memory: using 4" in text
     assert "DEVICE_BATCH_SIZE = 4 runs out of GPU memory: using 2" in text
-    assert f"8 micro-steps of 2 x {T} tokens per step" in text   # TOTAL_BATCH_SIZE unchanged: 8 x 64 x 2
+    assert f"8 micro-steps of 2 x {prepare.SMOKE_SEQ_LEN} tokens per step" in text   # TOTAL_BATCH_SIZE unchanged
     assert re.search(r"^val_bpb:\s+\d+\.\d{6}$", text, re.M)
+
+# ---------------------------------------------------------------------------
+# One compile for training, one for evaluation; evaluation holds one batch of logits at a time
+
+
+def test_one_compile_for_training_one_for_evaluation(tr, harness):
+    """The real model, compiled with a counting backend, over train.py's calls: fit the batch, train, evaluate."""
+    from torch._dynamo.testing import CompileCounter
+    tok = harness.Tokenizer.from_directory()
+    T = harness.MAX_SEQ_LEN
+    config = tr.GPTConfig(sequence_len=T, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=1, n_kv_head=1,
+                          n_embd=64, window_pattern="SL")
+    torch.manual_seed(0)
+    model = tr.GPT(config)
+    model.init_weights()
+    optimizer = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, weight_decay=0.2,
+                                      adam_betas=(0.8, 0.95), scalar_lr=0.5)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, dynamic=False)  # as train.py does on the GPU
+    B = harness.fit_device_batch(compiled, 4, T, nullcontext())
+    loader = harness.make_dataloader(tok, B, T, "train", device="cpu")
+    for _ in range(3):  # train.py's loop: 2 micro-steps per step on the loader's batches
+        for _ in range(2):
+            x, y, _ = next(loader)
+            (compiled(x, y) / 2).backward()
+        optimizer.step()
+        compiled.zero_grad(set_to_none=True)
+    graphs_in_training = counter.frame_count
+    compiled.eval()
+    assert harness.EVAL_TOKENS // T % B == 0  # full evaluation batches: the probe's included
+    val_bpb = harness.evaluate_bpb(compiled, tok, B)
+    torch._dynamo.reset()
+    assert (graphs_in_training, counter.frame_count) == (1, 2)  # on main: 2 and 4 (stride 65 vs 64 recompiled)
+    assert 0 < val_bpb < 10
+
+
+class LiveLogits(torch.nn.Module):
+    """A causal bigram model that records, at each call, how many of its earlier outputs are still alive."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab_size, vocab_size)
+        self.outputs, self.alive_at_call = [], []
+
+    def forward(self, idx):
+        self.alive_at_call.append(sum(ref() is not None for ref in self.outputs))
+        logits = self.table(idx).float()
+        self.outputs.append(weakref.ref(logits))
+        return logits
+
+
+def test_evaluation_holds_one_batch_of_logits_at_a_time(harness):
+    tok = harness.Tokenizer.from_directory()
+    model = LiveLogits(tok.get_vocab_size())
+    harness.evaluate_bpb(model, tok, 4)
+    n_batches = harness.EVAL_TOKENS // harness.MAX_SEQ_LEN // 4
+    assert len(model.alive_at_call) == n_batches + 1  # every batch, and the causality probe
+    assert model.alive_at_call == [0] * (n_batches + 1)  # on main: the previous batch's logits were alive
+
+
+def test_steady_state_mfu_counts_step_minus_10_as_the_reference():
+    # 21 steps, the first 11 untimed: the reference divides by 21 - 10 = 11 steps' worth of FLOPs
+    assert prepare.UNTIMED_STEPS == 11
+    assert prepare.steady_state_mfu(1e12, 21, 10.0, 1e12) == pytest.approx(110.0)
+    assert prepare.steady_state_mfu(1e12, 21, 10.0, None) is None
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 NVL", 835.5e12),
+                                        ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989.5e12),
+                                        ("NVIDIA H200 NVL", 835.5e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA GeForce RTX 4090", 165.2e12), ("Tesla T4", None)])
+def test_gpu_peak_flops(name, peak):
+    assert prepare.gpu_peak_flops(name) == peak
+
+
+def test_warm_up_step_count_is_the_harness_constant_not_a_literal():
+    src = TRAIN.read_text()
+    loop = src[src.index("# Training loop"):src.index("# Summary")]
+    assert not re.search(r"step\W{1,4}1[01]\b|\b1[01] untimed", loop), "the count is prepare.UNTIMED_STEPS"
+    assert loop.count("UNTIMED_STEPS") >= 3
+
+# ---------------------------------------------------------------------------
+# The allocator setting, and no silent death without a GPU
+
+
+ALLOC = "import os, prepare; print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'), os.environ.get('PYTORCH_ALLOC_CONF'))"
+
+
+@pytest.mark.parametrize("user, expected", [({}, "expandable_segments:True expandable_segments:True"),
+                                            ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"},
+                                             "expandable_segments:False None"),
+                                            ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:64"}, "None max_split_size_mb:64")])
+def test_allocator_setting_is_set_on_import_unless_the_user_set_one(tmp_path, user, expected):
+    env = {k: v for k, v in subprocess_env(tmp_path).items() if "ALLOC_CONF" not in k}
+    proc = subprocess.run([sys.executable, "-c", ALLOC], env={**env, **user}, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.strip() == expected, proc.stderr[-2000:]
+    assert TRAIN.read_text().index("from prepare import") < TRAIN.read_text().index("torch.cuda")  # before CUDA
+
+
+def test_without_a_gpu_train_py_refuses_in_one_line_and_allocates_nothing_big(tmp_path):
+    """The unmodified train.py, no step budget, no GPU: it stops before reading data or building the model."""
+    env = subprocess_env(tmp_path / "empty-cache")  # not even a cache: the GPU is checked first
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(TRAIN)], cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
+        deadline = time.monotonic() + 120  # an upper bound for a hang only
+        while not (waited := os.wait4(proc.pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not waited[0]:
+            proc.kill()
+            pytest.fail("train.py without a GPU did not stop")
+    _, status, usage = waited  # wait4: the child's own peak memory
+    out, err = out.read_text(), err.read_text()
+    assert os.waitstatus_to_exitcode(status) == 1, out + err
+    assert usage.ru_maxrss < 2 * 1024**2  # KiB: importing torch, no model (on main the CPU run reached 22.9 GB)
+    assert err.strip().splitlines() == [err.strip()]  # one line
+    assert "no CUDA GPU found" in err and "uv run prepare.py --smoke" in err
+    assert "Traceback" not in err and not out.strip()
+
+
+def test_smoke_without_a_prepared_cache_says_to_prepare(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--smoke"], cwd=ROOT, text=True,
+                          env=subprocess_env(tmp_path / "empty-cache"), capture_output=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "needs a prepared cache" in proc.stderr and "run `uv run prepare.py`" in proc.stderr
+
+# ---------------------------------------------------------------------------
+# The smoke run, and the script's fast fail (subprocesses against the tiny cache)
+
+SUMMARY = [("val_bpb", r"\d+\.\d{6}"), ("training_seconds", r"\d+\.\d"), ("total_seconds", r"\d+\.\d"),
+           ("peak_vram_mb", r"\d+\.\d"), ("mfu_percent", r"\d+\.\d\d|unknown"), ("total_tokens_M", r"\d+\.\d"),
+           ("num_steps", r"\d+"), ("num_params_M", r"\d+\.\d"), ("depth", r"\d+"), ("dataset", r"\S+"),
+           ("attention", r"\S+")]
+
+
+def read_summary(lines):
+    """The summary block at the end of a log: `---`, then SPEC's 9 keys, `dataset` and `attention`, one column."""
+    assert lines[-len(SUMMARY) - 1] == "---"
+    summary = {}
+    for line, (key, fmt) in zip(lines[-len(SUMMARY):], SUMMARY):
+        assert re.fullmatch(rf"{key}:\s+({fmt})", line) and line.index(line.split()[1]) == 18, line
+        summary[key] = line.split()[1]
+    return summary
+
+
+def test_smoke_run_trains_the_current_train_py_through_the_harness(tmp_path, tiny_cache, harness, monkeypatch):
+    """`prepare.py --smoke > run.log` beside an edited train.py: that train.py, at toy size, to its summary block."""
+    for name in ("prepare.py", "train.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    edited = (tmp_path / "train.py").read_text().replace("\nt_start = time.time()\n",
+                                                         '\nprint("an edit of the agent")\nt_start = time.time()\n')
+    (tmp_path / "train.py").write_text(edited)
+    env = subprocess_env(tiny_cache)
+    env.pop("PYTHONPATH")
+    with open(tmp_path / "run.log", "wb") as log:
+        code = subprocess.run([sys.executable, str(tmp_path / "prepare.py"), "--smoke"], cwd=tmp_path, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, timeout=400).returncode
+    raw = (tmp_path / "run.log").read_bytes()
+    text = raw.decode()
+    assert code == 0, text[-3000:]
+    assert b"\r" not in raw  # redirected: ordinary lines, no in-place progress line
+    lines = text.splitlines()
+    assert lines[0].startswith(f"smoke: {tmp_path / 'train.py'} at toy size")
+    assert "an edit of the agent" in lines and lines[2].startswith("device: cpu") and lines[3].startswith("attention: ")
+    assert any(line.startswith("step 00000 ") for line in lines)
+    summary = read_summary(lines)
+    assert summary["depth"] == str(prepare.SMOKE_SIZE["DEPTH"]) and summary["attention"] == "sdpa-cpu"
+    assert summary["mfu_percent"] == "unknown" and summary["peak_vram_mb"] == "0.0"
+    assert summary["dataset"] == "local:" + str(tiny_cache.parent / "corpus")  # the tiny cache came from --source
+    steps = int(summary["num_steps"])
+    assert steps == prepare.UNTIMED_STEPS + prepare.SMOKE_STEPS  # the untimed warm-up steps, then the step budget
+    assert f"budget: {prepare.SMOKE_STEPS} timed steps" in text
+    assert float(summary["total_tokens_M"]) == pytest.approx(round(steps * prepare.SMOKE_SIZE["TOTAL_BATCH_SIZE"] / 1e6, 1))
+
+    # program.md's grep finds it, and the model beats the uniform distribution's bits per byte on the same rows
+    grep = subprocess.run(["grep", "^val_bpb:", str(tmp_path / "run.log")], capture_output=True, text=True)
+    val_bpb = float(grep.stdout.split()[1])
+    monkeypatch.setattr(harness, "MAX_SEQ_LEN", prepare.SMOKE_SEQ_LEN)
+    monkeypatch.setattr(harness, "EVAL_TOKENS", prepare.SMOKE_EVAL_TOKENS)
+    tokenizer = harness.Tokenizer.from_directory()
+
+    class Uniform(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return torch.zeros(*x.shape, tokenizer.get_vocab_size())
+
+    uniform_bpb = harness.evaluate_bpb(Uniform(), tokenizer, 8)
+    assert val_bpb < 0.95 * uniform_bpb, (val_bpb, uniform_bpb)
+
+
+def test_nan_loss_prints_fail_and_exits_1(tmp_path, tiny_cache):
+    path = toy_copy(tmp_path, MATRIX_LR='float("nan")')  # a bad edit: every update is NaN
+    code, log = run_script(path, tiny_cache, tmp_path / "run.log")
+    text = log.decode()
+    assert code == 1, text[-2000:]
+    assert text.splitlines()[-1] == "FAIL"
+    assert "loss nan at step 1" in text and "val_bpb" not in text
