@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny synthetic corpus and a cache built from it by the real prepare.py."""
 
+import atexit
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +15,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.pop("AUTORESEARCH_DATASET", None)   # a developer's choice of data must not leak into the tests
+
+
+def _isolate_environment():
+    """
+    Before any test, fixture or subprocess: none of the user's AUTORESEARCH_* or HF_* settings survive, and the
+    default cache is a fresh directory of this session. A helper that merges os.environ into a subprocess's
+    environment can then never reach ~/.cache/autoresearch, the user's AUTORESEARCH_CACHE or the hub.
+    """
+    for name in [n for n in os.environ if n.startswith(("AUTORESEARCH_", "HF_", "HUGGINGFACE_"))]:
+        del os.environ[name]
+    home = Path(tempfile.mkdtemp(prefix="autoresearch-tests-"))
+    # no hub but the tests' own: port 9 (discard) on this machine answers nothing, so a stray download fails fast
+    os.environ.update(AUTORESEARCH_CACHE=str(home / "cache"), HF_HOME=str(home / "hf"),
+                      HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1")
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+
+
+_isolate_environment()
 
 
 def make_documents(n_docs, seed):
@@ -53,7 +73,7 @@ def make_corpus(directory, n_train_shards=3, docs_per_shard=400, seed=0):
 
 
 def run_prepare(cache, *args, env=None, timeout=300):
-    full_env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), **(env or {})}
+    full_env = {**os.environ, **(env or {}), "AUTORESEARCH_CACHE": str(cache)}   # the test's cache, always
     return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *args], env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -12,7 +12,7 @@ from hf_server import serve
 
 def hub_env(hub_url, home, **extra):
     """The environment a user would have, pointed at the fake hub; nothing from ~/.cache or the internet."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "AUTORESEARCH_"))}
     env.update(HF_ENDPOINT=hub_url, HF_HOME=str(home), HF_HUB_DISABLE_XET="1",
                HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5",
                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", **extra)

@@ -1,14 +1,19 @@
 """The frozen harness: tokenizer, dataloader, metric and the prepare.py command, on the CPU with no network."""
 
+import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_corpus, make_documents, run_prepare, write_shard
+from conftest import ROOT, make_corpus, make_documents, run_prepare, write_shard
 from reference_loader import reference_rows
 
 # ---------------------------------------------------------------------------
@@ -236,3 +241,34 @@ def test_training_without_data_says_what_to_run(tmp_path, harness, monkeypatch):
     tok = harness.Tokenizer.from_directory()
     with pytest.raises(harness.HarnessError, match=r"no training shards in .*run `uv run prepare.py`"):
         next(harness.make_dataloader(tok, 2, 16, "train", device="cpu"))
+
+# ---------------------------------------------------------------------------
+# The tests themselves: never a user's files
+# ---------------------------------------------------------------------------
+
+
+def tree(directory):
+    """Every file under a directory with a hash of its contents."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(directory).rglob("*") if p.is_file()}
+
+
+def test_the_suite_never_touches_the_users_cache(tmp_path):
+    """Run cache-writing tests with the user's variables exported: the directories they name stay byte-identical."""
+    user = tmp_path / "user"
+    make_corpus(user / "cache" / "data", n_train_shards=1, docs_per_shard=20, seed=99)   # the user's own shards
+    (user / "cache" / "tokenizer").mkdir()
+    (user / "cache" / "tokenizer" / "tokenizer.json").write_text('{"the user": "tokenizer"}')
+    (user / "stories").mkdir()
+    (user / "stories" / "train.jsonl").write_text('{"text": "the user\'s own dataset"}\n')
+    (user / "hf").mkdir()
+    (user / "hf" / "token").write_text("hf_user_token")
+    before = tree(user)
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(user / "cache"), "AUTORESEARCH_DATASET": str(user / "stories"),
+           "HF_HOME": str(user / "hf"), "OMP_NUM_THREADS": "1"}
+    tests = ["tests/test_download.py::test_download_builds_the_cache_and_a_rerun_fetches_nothing",
+             "tests/test_prepare.py::test_tokenizer_is_stored_as_data_not_pickle",
+             "tests/test_dataset.py::test_conflicting_arguments_are_refused"]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert tree(user) == before
