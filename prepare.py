@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -101,6 +102,91 @@ def _save_npy(path, array=None, **arrays):
             np.savez(f, **arrays)
 
 
+# ---------------------------------------------------------------------------
+# Records: every cache file has one beside it (NAME.sha256.json), written right after the file: its sha256, its
+# size and what it was made from (source shard, tokenizer, settings, by content). A file whose record is missing
+# or does not match is never used: prepare.py rebuilds it, train.py refuses or falls back to the source.
+# ---------------------------------------------------------------------------
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _record_path(path):
+    return Path(path).with_name(Path(path).name + ".sha256.json")
+
+
+def _write_record(path, made_from, **facts):
+    record = dict(sha256=_sha256(path), size=Path(path).stat().st_size, made_from=made_from, **facts)
+    _atomic_write(_record_path(path), lambda tmp: tmp.write_text(json.dumps(record, sort_keys=True) + "\n"))
+    return record
+
+
+def _write_cache_file(path, write, made_from, **facts):
+    """write(tmp) into place atomically, then the record; a crash in between leaves a file with no record."""
+    _record_path(path).unlink(missing_ok=True)
+    _atomic_write(path, write)
+    return _write_record(path, made_from, **facts)
+
+
+_held_locks = {}   # lock file -> its descriptor: held until the process exits
+
+
+def lock_cache(exclusive):
+    """
+    One writer at a time: prepare.py holds CACHE_DIR/.lock exclusively while it writes; a reader (train.py, from
+    loading the tokenizer through evaluation) holds it shared. A writer waits for readers, saying so; a reader
+    started while a writer works refuses in one line. Once per process and cache; nothing to lock if no cache.
+    """
+    import fcntl
+    path = CACHE_DIR / ".lock"
+    if path in _held_locks:
+        return
+    if exclusive:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if exclusive:
+            raise
+        return   # no cache here (or a read-only one): nothing a prepare.py could be writing
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not exclusive:
+            os.close(fd)
+            raise HarnessError(f"a prepare.py is writing the cache {CACHE_DIR}: run again once it has finished")
+        print(f"waiting for the cache {CACHE_DIR}: a train.py run or another prepare.py is using it", flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    _held_locks[path] = fd
+
+
+def read_record(path, made_from=None, full=True):
+    """
+    The record of a cache file if the file matches it, else None. `made_from`, if given, must equal what the
+    file was made from; `full` compares the content's sha256, else only the size (big files at train time).
+    """
+    try:
+        record = json.loads(_record_path(path).read_text())
+        if made_from is not None and record["made_from"] != made_from:
+            return None
+        if Path(path).stat().st_size != record["size"] or full and _sha256(path) != record["sha256"]:
+            return None
+        return record
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _mismatch(path):
+    return (f"{path} does not match its record (edited, damaged, or written by an older prepare.py): "
+            f"run `uv run prepare.py` (with the same --source or --dataset) to repair the cache; no val_bpb is reported")
+
+
 def check_shard(path):
     """Raise HarnessError unless `path` is a readable parquet file with a non-empty `text` column."""
     try:
@@ -142,16 +228,20 @@ def dataset_name(name):
 
 def dataset_root(name):
     """
-    Where a dataset's data/, tokenizer/ and tokens/ live: CACHE_DIR for the default one, else
-    CACHE_DIR/datasets/<slug>: 'owner/name' -> 'owner--name', a directory -> 'local--<its name>-<hash of its path>'.
+    Where a dataset's data/, tokenizer/ and tokens/ live, apart from every other's: CACHE_DIR for the default one,
+    CACHE_DIR/sources/<slug> for a --source directory (named 'local:<its path>'), else CACHE_DIR/datasets/<slug>:
+    'owner/name' -> 'owner--name', a directory -> 'local--<its name>-<hash of its path>'.
     """
     if name == DATASET_REPO:
         return CACHE_DIR
+    parent = "datasets"
+    if name.startswith("local:"):
+        parent, name = "sources", name.removeprefix("local:")
     slug = f"local--{Path(name).name}-{hashlib.sha256(name.encode()).hexdigest()[:8]}" if os.path.isabs(name) else name
     slug = re.sub(r"[^A-Za-z0-9._-]", "", slug.replace("/", "--"))
-    if not slug.strip("."):
+    if not slug.strip(".") or parent == "sources" and not os.path.isabs(name):
         raise HarnessError(f"{name!r} is not a dataset name")
-    return CACHE_DIR / "datasets" / slug
+    return CACHE_DIR / parent / slug
 
 
 def read_source(data_dir):
@@ -172,6 +262,7 @@ def _claim(data_dir, name):
     if read_source(data_dir).get("dataset") != name:
         for old in data_dir.glob("shard_*.parquet"):
             old.unlink()
+            _record_path(old).unlink(missing_ok=True)
         _write_source(data_dir, dataset=name)
 
 
@@ -233,6 +324,7 @@ def _download_shard(name, data_dir):
                                f"again to fetch what is missing") from None
         try:
             check_shard(path)
+            _write_record(path, {"repo": DATASET_REPO, "file": name})
             return path
         except HarnessError:
             path.unlink(missing_ok=True)   # a corrupt file: fetch it once more from scratch
@@ -255,12 +347,10 @@ def download_data(num_shards, workers, data_dir=None):
     missing = []
     for name in wanted:
         path = data_dir / name
-        if ours and path.exists():
-            try:
-                check_shard(path)
-                continue
-            except HarnessError:
-                path.unlink()   # corrupt leftover: download it again
+        if ours and read_record(path, {"repo": DATASET_REPO, "file": name}):
+            continue
+        if ours and _record_path(path).exists():
+            path.unlink(missing_ok=True)   # not what was downloaded: fetch it again
         missing.append(name)
     if missing:
         _check_reachable()   # before _claim: no network, nothing deleted
@@ -277,29 +367,42 @@ def download_data(num_shards, workers, data_dir=None):
     return len(missing), len(wanted) - len(missing)
 
 
-def copy_source(source, data_dir=None):
-    """Mirror a directory of parquet files into the cache under canonical shard names."""
-    source, data_dir = Path(source), Path(data_dir or DATA_DIR)
+def check_source(source):
+    """A --source directory, resolved; one inside the cache is refused (filling from it would delete it)."""
+    source = Path(source)
     if not source.is_dir():
         raise HarnessError(f"--source {source} is not a directory")
+    source, cache = source.resolve(), CACHE_DIR.resolve()
+    if source == cache or cache in source.parents:
+        raise HarnessError(f"--source {source} is inside the cache {cache}: give a directory of your own parquet files")
+    return source
+
+
+def copy_source(source, data_dir=None):
+    """Mirror a directory of parquet files into the cache under canonical shard names, verified by content."""
+    source, data_dir = check_source(source), Path(data_dir or DATA_DIR)
     files = sorted(source.glob("*.parquet"))
     if len(files) < 2:
         raise HarnessError(f"--source {source} needs at least 2 parquet files (training + validation), found {len(files)}")
     val = next((f for f in files if f.name == VAL_FILENAME), files[-1])
     train = [f for f in files if f != val]
+    if len(train) > MAX_SHARD:
+        raise HarnessError(f"--source {source} has {len(train)} training files, more than the {MAX_SHARD} shard names "
+                           f"(shard_00000 ... shard_{MAX_SHARD - 1:05d}): use at most {MAX_SHARD + 1} files")
     plan = {VAL_FILENAME: val, **{shard_name(i): f for i, f in enumerate(train)}}
     for src in plan.values():
         check_shard(src)
-    _claim(data_dir, f"local:{source.resolve()}")
+    _claim(data_dir, f"local:{source}")
     for stale in data_dir.glob("shard_*.parquet"):
         if stale.name not in plan:
             stale.unlink()
+            _record_path(stale).unlink(missing_ok=True)
     copied = 0
     for name, src in plan.items():
-        dst = data_dir / name
-        if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
+        made_from = {"source": str(src), "sha256": _sha256(src)}
+        if read_record(data_dir / name, made_from):
             continue
-        _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+        _write_cache_file(data_dir / name, lambda tmp: shutil.copyfile(src, tmp), made_from)
         copied += 1
     return len(train), val.name, copied
 
@@ -347,9 +450,18 @@ def _chunks(docs, max_docs, max_chars):
         yield chunk
 
 
-def _write_docs(path, docs):
+def _write_docs(path, docs, made_from):
     table = pa.table({"text": pa.array(docs, pa.string())})
-    pq.write_table(table, path, row_group_size=ROW_GROUP_DOCS, compression="zstd")
+    _write_cache_file(path, lambda tmp: pq.write_table(table, tmp, row_group_size=ROW_GROUP_DOCS,
+                                                       compression="zstd"), made_from)
+
+
+def _converted(data_dir, done):
+    """Whether data_dir holds exactly the shards of the conversion recorded in `done`, each matching its record."""
+    made_from = {"dataset": done.get("dataset"), "text_column": done.get("text_column")}
+    shards = sorted(data_dir.glob("shard_*.parquet"))
+    return (len(shards) == done.get("train_shards", -1) + 1
+            and all(read_record(p, made_from) for p in shards))
 
 
 def convert_dataset(name, column="text", data_dir=None):
@@ -359,7 +471,7 @@ def convert_dataset(name, column="text", data_dir=None):
     """
     data_dir = Path(data_dir or DATA_DIR)
     done = read_source(data_dir)
-    if (done.get("dataset"), done.get("text_column")) == (name, column):
+    if (done.get("dataset"), done.get("text_column")) == (name, column) and _converted(data_dir, done):
         return done, False
     if not Path(name).is_dir():
         _check_reachable(name)
@@ -377,6 +489,7 @@ def convert_dataset(name, column="text", data_dir=None):
         raise HarnessError(f"{name} has no 'train' split (splits: {', '.join(splits)})")
     val = next((s for s in ("validation", "valid", "test") if s in splits and s != train), None)
     staging = data_dir.with_name("data.partial")   # becomes data_dir once complete: a crash leaves nothing trusted
+    made_from = {"dataset": name, "text_column": column}
     try:
         val_docs = next(_chunks(_texts(splits[val], name, column), HOLDOUT_DOCS, HOLDOUT_CHARS), []) if val else []
         docs = _texts(splits[train], name, column)
@@ -390,7 +503,7 @@ def convert_dataset(name, column="text", data_dir=None):
             val, docs = None, _hold_out_last(docs, val_docs)
         n_shards = n_docs = 0
         for n_shards, chunk in enumerate(_chunks(docs, SHARD_DOCS, SHARD_CHARS), 1):
-            _write_docs(staging / shard_name(n_shards - 1), chunk)
+            _write_docs(staging / shard_name(n_shards - 1), chunk, made_from)
             n_docs += len(chunk)
     except Exception as e:
         raise HarnessError(f"reading {name} failed ({_one_line(e)}); nothing was kept: fix the cause and "
@@ -398,7 +511,7 @@ def convert_dataset(name, column="text", data_dir=None):
     if n_shards == 0:
         shutil.rmtree(staging)
         raise HarnessError(f"{name} has only {len(val_docs)} document(s): too few to train on")
-    _write_docs(staging / VAL_FILENAME, val_docs)
+    _write_docs(staging / VAL_FILENAME, val_docs, made_from)
     done = dict(dataset=name, text_column=column, train_shards=n_shards, train_docs=n_docs,
                 validation=f"split {val!r}" if val else f"last {len(val_docs)} documents of {train!r}",
                 validation_docs=len(val_docs))
@@ -427,10 +540,18 @@ def _tokenizer_training_text(paths):
                 yield doc
 
 
+def _shard_sha256(path, full=True):
+    """A data shard's content hash, from its record once the file is checked against it."""
+    record = read_record(path, full=full)
+    if record is None:
+        raise HarnessError(_mismatch(path))
+    return record["sha256"]
+
+
 def _data_fingerprint(paths):
-    """What the tokenizer depends on: the settings, the source and its shards. Any change means training again."""
+    """What the tokenizer depends on: the settings, the source and its shards' content. Any change: train again."""
     settings = [VOCAB_SIZE, SPLIT_PATTERN, TOKENIZER_MAX_DOC_CHARS, TOKENIZER_MAX_CHARS]
-    return settings + [read_source(paths[0].parent).get("dataset")] + [[p.name, p.stat().st_size] for p in paths]
+    return settings + [read_source(paths[0].parent).get("dataset")] + [[p.name, _shard_sha256(p, False)] for p in paths]
 
 
 def train_tokenizer(data_dir=None, tokenizer_dir=None):
@@ -440,12 +561,9 @@ def train_tokenizer(data_dir=None, tokenizer_dir=None):
     paths = list_shards("train", data_dir)
     fingerprint = _data_fingerprint(paths)
     meta_path = tokenizer_dir / "tokenizer.json"
-    if meta_path.exists() and (tokenizer_dir / "token_bytes.npy").exists():
-        try:
-            if json.loads(meta_path.read_text()).get("data") == fingerprint:
-                return None
-        except ValueError:
-            pass   # unreadable: train again
+    record = read_record(meta_path, fingerprint)
+    if record and read_record(tokenizer_dir / "token_bytes.npy", {"tokenizer": record["sha256"]}):
+        return None
     t0 = time.time()
     bpe = rustbpe.Tokenizer()
     bpe.train_from_iterator(_tokenizer_training_text(paths), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
@@ -467,8 +585,10 @@ def train_tokenizer(data_dir=None, tokenizer_dir=None):
     token_bytes = np.zeros(VOCAB_SIZE, dtype=np.int32)   # special tokens stay 0: they carry no bytes
     token_bytes[:n_ranks] = [len(bytes(b)) for b, _ in ranks]
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(tokenizer_dir / "token_bytes.npy", lambda tmp: _save_npy(tmp, token_bytes))
-    _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))   # written last: marks completion
+    _record_path(tokenizer_dir / "token_bytes.npy").unlink(missing_ok=True)
+    record = _write_cache_file(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)), fingerprint)
+    _write_cache_file(tokenizer_dir / "token_bytes.npy", lambda tmp: _save_npy(tmp, token_bytes),
+                      {"tokenizer": record["sha256"]})   # its record, written last, marks completion
     return time.time() - t0
 
 
@@ -488,13 +608,25 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None):
+        """
+        The saved tokenizer, once the files the metric depends on match their records (tokenizer, token byte
+        lengths, validation shard and rows). Holds a shared lock on the cache until the process exits, so that
+        no prepare.py rewrites them under a run.
+        """
         tokenizer_dir = Path(tokenizer_dir or TOKENIZER_DIR)
+        lock_cache(exclusive=False)
         try:
             raw = (tokenizer_dir / "tokenizer.json").read_bytes()
             meta = json.loads(raw)
         except (OSError, ValueError):
             raise HarnessError(f"no tokenizer in {tokenizer_dir}: run `uv run prepare.py`") from None
-        return cls(_encoding_from_meta(meta), id=hashlib.sha256(raw).hexdigest()[:16])
+        sha = hashlib.sha256(raw).hexdigest()
+        record = read_record(tokenizer_dir / "tokenizer.json", full=False)
+        if record is None or record["sha256"] != sha:
+            raise HarnessError(_mismatch(tokenizer_dir / "tokenizer.json"))
+        tokenizer = cls(_encoding_from_meta(meta), id=sha[:16])
+        _check_metric_files(tokenizer, tokenizer_dir, sha)
+        return tokenizer
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -517,13 +649,32 @@ class Tokenizer:
 
 
 def get_token_bytes(device="cpu", tokenizer_dir=None):
-    """UTF-8 byte length of every token id (0 for special tokens), as an int32 tensor."""
+    """UTF-8 byte length of every token id (0 for special tokens), as an int32 tensor, checked against its record."""
     import torch
     path = Path(tokenizer_dir or TOKENIZER_DIR) / "token_bytes.npy"
+    if not path.exists():
+        raise HarnessError(f"no token byte lengths at {path}: run `uv run prepare.py`")
+    tokenizer = read_record(path.with_name("tokenizer.json"))
+    if tokenizer is None or read_record(path, {"tokenizer": tokenizer["sha256"]}) is None:
+        raise HarnessError(_mismatch(path))
     try:
         return torch.from_numpy(np.load(path, allow_pickle=False)).to(device)
     except (OSError, ValueError):
-        raise HarnessError(f"no token byte lengths at {path}: run `uv run prepare.py`") from None
+        raise HarnessError(_mismatch(path)) from None
+
+
+def _check_metric_files(tokenizer, tokenizer_dir, sha):
+    """Refuse, in one line, a run whose metric would come from files that do not match their records."""
+    token_bytes = tokenizer_dir / "token_bytes.npy"
+    if token_bytes.exists() and read_record(token_bytes, {"tokenizer": sha}) is None:
+        raise HarnessError(_mismatch(token_bytes))
+    val = tokenizer_dir.parent / "data" / VAL_FILENAME
+    if val.exists():
+        T, n_rows = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
+        rows = tokenizer_dir.parent / "tokens" / tokenizer.id / f"val_rows_T{T}_N{n_rows}.npy"
+        made_from = {"shard": _shard_sha256(val), "tokenizer": tokenizer.id, "T": T, "rows": n_rows}
+        if rows.exists() and read_record(rows, made_from) is None:
+            raise HarnessError(_mismatch(rows))
 
 # ---------------------------------------------------------------------------
 # Token cache: every shard tokenized once, at prepare time
@@ -561,7 +712,10 @@ def tokenize_shard(path, tokenizer):
 
 
 def cache_tokens(tokenizer, max_train_shards=TOKEN_CACHE_SHARDS):
-    """Tokenize the validation shard and the first training shards into the cache. Returns how many were written."""
+    """
+    Tokenize the validation shard and the first training shards into the cache, each checked by content against
+    its record first. Returns how many were written.
+    """
     out = _tokens_dir(tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.iterdir():   # token files of an older tokenizer
@@ -569,32 +723,49 @@ def cache_tokens(tokenizer, max_train_shards=TOKEN_CACHE_SHARDS):
             shutil.rmtree(stale, ignore_errors=True)
     written = 0
     for path in list_shards("val") + list_shards("train")[:max_train_shards]:
-        if _load_shard_tokens(path, tokenizer) is not None:
+        if _load_shard_tokens(path, tokenizer, full=True) is not None:
             continue
         tokens, offsets, batches = tokenize_shard(path, tokenizer)
-        stem = path.name.removesuffix(".parquet")
-        _atomic_write(out / f"{stem}.tokens.npy", lambda tmp: _save_npy(tmp, tokens))
-        _atomic_write(out / f"{stem}.index.npz", lambda tmp: _save_npy(   # written last: marks completion
-            tmp, offsets=offsets, batches=batches, source_size=path.stat().st_size))
+        max_id = int(tokens.max()) if len(tokens) else 0
+        if max_id >= tokenizer.get_vocab_size():
+            raise HarnessError(f"tokenizing {path} gave id {max_id} >= {tokenizer.get_vocab_size()}: this is a bug")
+        stem, made_from = path.name.removesuffix(".parquet"), {"shard": _shard_sha256(path), "tokenizer": tokenizer.id}
+        _record_path(out / f"{stem}.index.npz").unlink(missing_ok=True)
+        _write_cache_file(out / f"{stem}.tokens.npy", lambda tmp: _save_npy(tmp, tokens), made_from, max_id=max_id)
+        _write_cache_file(out / f"{stem}.index.npz", lambda tmp: _save_npy(   # its record, last, marks completion
+            tmp, offsets=offsets, batches=batches), made_from)
         written += 1
     return written
 
 
-def _load_shard_tokens(path, tokenizer):
-    """A shard's cached (tokens, offsets, batches), or None if it is not cached for this exact file."""
+def _load_shard_tokens(path, tokenizer, full=False):
+    """
+    A shard's cached (tokens, offsets, batches), or None if it is not cached for this exact file and tokenizer.
+    Checked against the records by content when `full` (prepare time, the validation shard), else by size; and
+    never an id beyond the vocabulary.
+    """
     out = _tokens_dir(tokenizer)
     if out is None:
         return None
     stem = path.name.removesuffix(".parquet")
+    shard = read_record(path, full=full)
+    made_from = shard and {"shard": shard["sha256"], "tokenizer": tokenizer.id}
+    record = made_from and read_record(out / f"{stem}.tokens.npy", made_from, full)
+    if not (record and read_record(out / f"{stem}.index.npz", made_from, full)):
+        return None
     try:
         with np.load(out / f"{stem}.index.npz", allow_pickle=False) as index:
-            if int(index["source_size"]) != path.stat().st_size:
-                return None
             offsets, batches = index["offsets"], index["batches"]
         tokens = np.load(out / f"{stem}.tokens.npy", mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, KeyError):
         return None
-    return (tokens, offsets, batches) if len(tokens) == offsets[-1] else None
+    if len(tokens) != offsets[-1]:
+        return None
+    if len(tokens) and max(record["max_id"], int(tokens.max())) >= tokenizer.get_vocab_size():
+        print(f"prepare.py: {out / stem}.tokens.npy holds ids beyond the vocabulary (overwritten or damaged): "
+              f"tokenizing {path.name} instead; run `uv run prepare.py` to repair the cache", file=sys.stderr)
+        return None
+    return tokens, offsets, batches
 
 # ---------------------------------------------------------------------------
 # Dataloader: BOS-aligned best-fit packing
@@ -608,7 +779,7 @@ def _document_batches(tokenizer, split):
     while True:
         for path in paths:
             try:
-                cached = _load_shard_tokens(path, tokenizer)
+                cached = _load_shard_tokens(path, tokenizer, full=split == "val")
                 tokens, offsets, batches = cached if cached is not None else tokenize_shard(path, tokenizer)
             except (OSError, ValueError) as e:   # pyarrow raises ArrowInvalid (a ValueError) on corrupt data
                 raise HarnessError(f"cannot read {path} ({e}): delete it and run `uv run prepare.py` again") from None
@@ -686,19 +857,27 @@ def make_dataloader(tokenizer, B, T, split, device=None):
 
 
 def validation_rows(tokenizer, T, n_rows):
-    """The first n_rows packed validation rows, (n_rows, T + 1): packed once, then read from the cache."""
-    out = _tokens_dir(tokenizer)
-    val_size = list_shards("val")[0].stat().st_size
-    path = out / f"val_rows_T{T}_N{n_rows}_S{val_size}.npy" if out else None
-    if path is not None and path.exists():
-        return np.load(path, allow_pickle=False)
+    """
+    The first n_rows packed validation rows, (n_rows, T + 1): packed once, then read from the cache when the file
+    matches its record. Caching them is only an optimisation: a failure to write is a note, never an error.
+    """
+    out, path = _tokens_dir(tokenizer), None
+    if out is not None:
+        val = list_shards("val")[0]
+        path = out / f"val_rows_T{T}_N{n_rows}.npy"
+        made_from = {"shard": _shard_sha256(val), "tokenizer": tokenizer.id, "T": T, "rows": n_rows}
+        if read_record(path, made_from):
+            return np.load(path, allow_pickle=False)
     packer = _BestFitPacker(tokenizer, "val")
     rows = np.empty((n_rows, T + 1), dtype=_token_dtype())
     for row in rows:
         packer.fill(row)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: _save_npy(tmp, rows))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_cache_file(path, lambda tmp: _save_npy(tmp, rows), made_from)
+        except OSError as e:
+            print(f"note: validation rows not cached in {path} ({e.strerror or e}); they are packed again next run")
     return rows
 
 # ---------------------------------------------------------------------------
@@ -833,10 +1012,15 @@ def main(argv=None):
     name = dataset_name(args.dataset) if args.dataset else None
     if name == DATASET_REPO:
         raise HarnessError(f"{name} is the default dataset: run `uv run prepare.py` to download it")
+    if args.source:
+        name = f"local:{check_source(args.source)}"
     root = dataset_root(name or DATASET_REPO)   # this command fills this directory, whatever is active now
     DATA_DIR, TOKENIZER_DIR = root / "data", root / "tokenizer"
     t0 = time.time()
     print(f"cache: {CACHE_DIR}")
+    lock_cache(exclusive=True)
+    for orphan in CACHE_DIR.rglob(".*.tmp"):   # left by a run that was killed mid-write
+        orphan.unlink(missing_ok=True)
     if args.dataset:
         done, converted = convert_dataset(name, args.text_column or "text")
         print(f"data: {done['train_shards']} training shards ({done['train_docs']:,} documents) + validation "

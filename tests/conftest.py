@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic corpus and a cache built from it by the real prepare.py."""
 
 import atexit
+import hashlib
 import os
 import random
 import shutil
@@ -72,6 +73,12 @@ def make_corpus(directory, n_train_shards=3, docs_per_shard=400, seed=0):
     return directory
 
 
+def source_root(cache, directory):
+    """Where `prepare.py --source DIR` keeps its files: sources/local--<its name>-<hash of its path>."""
+    directory = Path(directory).resolve()
+    return Path(cache) / "sources" / f"local--{directory.name}-{hashlib.sha256(str(directory).encode()).hexdigest()[:8]}"
+
+
 def run_prepare(cache, *args, env=None, timeout=300):
     full_env = {**os.environ, **(env or {}), "AUTORESEARCH_CACHE": str(cache)}   # the test's cache, always
     return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *args], env=full_env,
@@ -80,7 +87,7 @@ def run_prepare(cache, *args, env=None, timeout=300):
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
-    """A cache directory (data/ + tokenizer/) built by `prepare.py --source` from the tiny corpus."""
+    """A cache directory built by `prepare.py --source` from the tiny corpus (in sources/<its own>/, active)."""
     base = tmp_path_factory.mktemp("harness")
     corpus = make_corpus(base / "corpus")
     cache = base / "cache"
@@ -94,8 +101,9 @@ def harness(tiny_cache, monkeypatch):
     """prepare.py pointed at the tiny cache, with the sequence length and eval size shrunk in-process."""
     import prepare
     monkeypatch.setattr(prepare, "CACHE_DIR", tiny_cache)
-    monkeypatch.setattr(prepare, "DATA_DIR", tiny_cache / "data")
-    monkeypatch.setattr(prepare, "TOKENIZER_DIR", tiny_cache / "tokenizer")
+    root = prepare.dataset_root(prepare.configured_dataset())   # the --source directory's own, made active
+    monkeypatch.setattr(prepare, "DATA_DIR", root / "data")
+    monkeypatch.setattr(prepare, "TOKENIZER_DIR", root / "tokenizer")
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 64 * 20)
     return prepare

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import ROOT, make_corpus, make_documents, run_prepare, write_shard
+from conftest import ROOT, make_corpus, make_documents, run_prepare, source_root, write_shard
 from reference_loader import reference_rows
 
 # ---------------------------------------------------------------------------
@@ -46,8 +46,8 @@ def test_token_bytes_are_utf8_lengths(harness):
     assert token_bytes[:256].eq(1).all()   # the 256 single bytes come first
 
 
-def test_tokenizer_is_stored_as_data_not_pickle(tiny_cache):
-    meta = json.loads((tiny_cache / "tokenizer" / "tokenizer.json").read_text())
+def test_tokenizer_is_stored_as_data_not_pickle(harness):
+    meta = json.loads((harness.TOKENIZER_DIR / "tokenizer.json").read_text())
     assert len(meta["mergeable_ranks"]) == 8188
     assert meta["special_tokens"] == {f"<|reserved_{i}|>": 8188 + i for i in range(4)}
 
@@ -78,7 +78,7 @@ def test_validation_rows_are_cached_and_equal_to_packing(harness):
     tok = harness.Tokenizer.from_directory()
     rows = harness.validation_rows(tok, 64, 50)
     assert rows.tolist() == reference_rows(harness.list_shards("val"), tok, 64, 50)
-    assert list(harness._tokens_dir(tok).glob("val_rows_T64_N50_*.npy"))
+    assert harness.read_record(harness._tokens_dir(tok) / "val_rows_T64_N50.npy")["made_from"]["rows"] == 50
     assert harness.validation_rows(tok, 64, 50).tolist() == rows.tolist()
 
 
@@ -202,8 +202,9 @@ def test_source_builds_cache_and_rerun_is_a_no_op(tmp_path):
         write_shard(corpus / name, make_documents(300, seed=i))
     first = run_prepare(tmp_path / "cache", "--source", str(corpus))
     assert first.returncode == 0, first.stderr
-    data = tmp_path / "cache" / "data"
-    assert sorted(p.name for p in data.iterdir()) == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
+    data = source_root(tmp_path / "cache", corpus) / "data"
+    assert sorted(p.name for p in data.glob("*.parquet")) == [
+        "shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
     assert (data / "shard_06542.parquet").read_bytes() == (corpus / "c.parquet").read_bytes()
     assert (data / "shard_00000.parquet").read_bytes() == (corpus / "a.parquet").read_bytes()
     assert "trained 8192 tokens" in first.stdout
@@ -232,8 +233,8 @@ def test_bad_source_fails_with_one_line_and_writes_nothing(tmp_path, problem, me
     result = run_prepare(tmp_path / "cache", "--source", str(corpus))
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
-    assert not (tmp_path / "cache" / "data").exists() or not any((tmp_path / "cache" / "data").iterdir())
-    assert not (tmp_path / "cache" / "tokenizer").exists()
+    root = source_root(tmp_path / "cache", corpus)
+    assert not list((tmp_path / "cache").rglob("*.parquet")) and not (root / "tokenizer").exists()
 
 
 def test_training_without_data_says_what_to_run(tmp_path, harness, monkeypatch):
@@ -272,3 +273,15 @@ def test_the_suite_never_touches_the_users_cache(tmp_path):
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
     assert tree(user) == before
+
+
+@pytest.mark.parametrize("inside", ["data", "."])
+def test_source_inside_the_cache_is_refused_and_deletes_nothing(tmp_path, inside):
+    cache = tmp_path / "cache"
+    make_corpus(cache / "data", n_train_shards=2, docs_per_shard=50)   # a cache as prepare.py laid it out before
+    before = tree(cache)
+    result = run_prepare(cache, "--source", str(cache / inside))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is inside the cache" in lines[0]
+    assert tree(cache) == before
