@@ -1,13 +1,16 @@
 """The frozen harness: tokenizer, dataloader, metric and the prepare.py command, on the CPU with no network."""
 
+import fcntl
 import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -285,3 +288,122 @@ def test_source_inside_the_cache_is_refused_and_deletes_nothing(tmp_path, inside
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "is inside the cache" in lines[0]
     assert tree(cache) == before
+
+# ---------------------------------------------------------------------------
+# Faults in the cache: train.py's start-up refuses them, a rerun of prepare.py repairs them
+# ---------------------------------------------------------------------------
+
+# train.py's first calls into the harness: the tokenizer, the token byte lengths, a first training batch
+TRAIN_START = """
+import prepare
+tok = prepare.Tokenizer.from_directory()
+prepare.get_token_bytes()
+x, y, _ = next(prepare.make_dataloader(tok, 4, 64, "train", device="cpu"))
+print("max id", int(max(x.max(), y.max())), "vocab", tok.get_vocab_size())
+"""
+
+
+def same_size_parquet(path, docs):
+    """A valid parquet file of `docs` and one document of padding, exactly the size of `path`."""
+    new = path.with_suffix(".new")
+
+    def write(pad):
+        pq.write_table(pa.table({"text": docs + ["x" * pad]}), new, compression="none", use_dictionary=False,
+                       write_statistics=False)   # uncompressed: one more byte of padding, one more byte of file
+        return new.stat().st_size
+
+    pad = path.stat().st_size - write(0)
+    for p in range(max(0, pad - 8), pad + 8):
+        if write(p) == path.stat().st_size:
+            return new.replace(path)
+    raise AssertionError("no padding gives the same size")
+
+
+def apply_fault(fault, root, tokens):
+    if fault == "tokenizer_edited":   # one character of one merge
+        path = root / "tokenizer" / "tokenizer.json"
+        text = path.read_text()
+        i = text.index('"mergeable_ranks": ["') + len('"mergeable_ranks": ["') + 1
+        path.write_text(text[:i] + ("B" if text[i] != "B" else "C") + text[i + 1:])
+    elif fault == "token_bytes_doubled":
+        path = root / "tokenizer" / "token_bytes.npy"
+        np.save(path, np.load(path) * 2)
+    elif fault == "token_file_out_of_range":   # overwritten in place: same size, ids beyond the vocabulary
+        path = tokens / "shard_00000.tokens.npy"
+        np.save(path, np.full_like(np.load(path), 9000))
+    elif fault == "val_rows_truncated":
+        path = tokens / "val_rows_T2048_N10240.npy"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif fault == "val_shard_replaced":   # by another valid shard of the same size
+        path = root / "data" / "shard_06542.parquet"
+        same_size_parquet(path, make_documents(60, seed=4242))
+    return path
+
+
+@pytest.mark.parametrize("fault", ["tokenizer_edited", "token_bytes_doubled", "token_file_out_of_range",
+                                   "val_rows_truncated", "val_shard_replaced"])
+def test_a_damaged_cache_is_refused_by_train_and_repaired_by_prepare(tiny_cache, tmp_path, fault):
+    cache = shutil.copytree(tiny_cache, tmp_path / "cache")
+    corpus = tiny_cache.parent / "corpus"
+    root = source_root(cache, corpus)
+    clean = tree(cache)
+    tokens = next((root / "tokens").iterdir())
+    path = apply_fault(fault, root, tokens)
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    start = subprocess.run([sys.executable, "-c", TRAIN_START], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    if fault == "token_file_out_of_range":   # the run goes on, with the shard tokenized afresh, and says so
+        assert start.returncode == 0, start.stderr
+        assert "max id" in start.stdout and int(start.stdout.split()[2]) < 8192
+        assert "holds ids beyond the vocabulary" in start.stderr and path.name in start.stderr
+    else:
+        assert start.returncode == 1
+        lines = start.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"{path.name} does not match its record" in lines[0] and "prepare.py" in lines[0]
+    result = run_prepare(cache, "--source", str(corpus))
+    assert result.returncode == 0, result.stderr
+    assert tree(cache) == clean   # byte for byte what the clean build wrote
+
+# ---------------------------------------------------------------------------
+# One writer at a time
+# ---------------------------------------------------------------------------
+
+
+def hold_lock(cache, kind):
+    """Take the cache's lock in this test process, as a train.py run (shared) or a prepare.py (exclusive) does."""
+    fd = os.open(cache / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, kind)
+    return fd
+
+
+def test_prepare_waits_while_a_run_reads_the_cache(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", n_train_shards=2, docs_per_shard=400)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    reader = hold_lock(cache, fcntl.LOCK_SH)
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--source", str(corpus)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("cache: ")
+        assert proc.stdout.readline().startswith(f"waiting for the cache {cache}")
+        assert not (cache / "sources").exists()   # nothing written while the reader holds the cache
+    finally:
+        os.close(reader)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "tokenizer: trained 8192 tokens" in out
+
+
+def test_a_run_refuses_to_start_while_prepare_writes(tiny_cache, tmp_path):
+    cache = shutil.copytree(tiny_cache, tmp_path / "cache")
+    writer = hold_lock(cache, fcntl.LOCK_EX)
+    try:
+        env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+        start = subprocess.run([sys.executable, "-c", TRAIN_START], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=300)
+    finally:
+        os.close(writer)
+    assert start.returncode == 1
+    lines = start.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a prepare.py is writing the cache" in lines[0]
