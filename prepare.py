@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -307,8 +308,97 @@ def _check_reachable(repo=DATASET_REPO, timeout=5.0):
         raise HarnessError(f"{_network_hint(repo)} ({e})") from None
 
 
-def _download_shard(name, data_dir):
+# A transfer that receives less than STALL_BYTES in STALL_SECONDS fails (the hub client alone waits ~6.5 minutes
+# for a hub that never answers, and forever for one that trickles); with output that is not a terminal, a progress
+# line every PROGRESS_SECONDS. The variables exist for the tests.
+STALL_SECONDS = float(os.environ.get("AUTORESEARCH_STALL_SECONDS") or 60)
+STALL_BYTES = 1 << 20
+PROGRESS_SECONDS = float(os.environ.get("AUTORESEARCH_PROGRESS_SECONDS") or 30)
+
+
+class _Transfers:
+    """What each download thread is fetching and when it last made progress; bytes and shards done in all."""
+
+    def __init__(self, total):
+        self.lock, self.active, self.total = threading.Lock(), {}, total
+        self.done = self.bytes = 0
+        self.t0 = time.monotonic()
+
+    def start(self, name):
+        with self.lock:
+            self.active[threading.get_ident()] = [name, time.monotonic(), 0]
+
+    def finish(self, ok):
+        with self.lock:
+            self.active.pop(threading.get_ident(), None)
+            self.done += ok
+
+    def received(self, n):
+        with self.lock:
+            self.bytes += n
+            transfer = self.active.get(threading.get_ident())
+            if transfer is not None:
+                transfer[2] += n
+                if transfer[2] >= STALL_BYTES:   # progress: the clock starts again
+                    transfer[1:] = [time.monotonic(), 0]
+
+    def watch(self, stop, show_progress):
+        """Until `stop` is set: a progress line when due; the process ends in one line if a transfer stalls."""
+        last_line = time.monotonic()
+        while not stop.wait(min(1.0, PROGRESS_SECONDS, STALL_SECONDS)):
+            now = time.monotonic()
+            if show_progress and now - last_line >= PROGRESS_SECONDS:
+                mb = self.bytes / 1e6
+                print(f"downloading: {self.done}/{self.total} shards, {mb:.1f} MB, {mb / (now - self.t0):.2f} MB/s",
+                      flush=True)
+                last_line = now
+            with self.lock:
+                stalled = [name for name, since, _ in self.active.values() if now - since >= STALL_SECONDS]
+            if stalled:
+                print(f"prepare.py: downloading {stalled[0]} made no progress for {STALL_SECONDS:.0f}s (less than "
+                      f"{STALL_BYTES >> 20} MiB): check the network (or HF_ENDPOINT) and run the same command "
+                      f"again; complete shards are kept", file=sys.stderr, flush=True)
+                os._exit(1)   # the stalled thread cannot be interrupted; nothing half-written is ever trusted
+
+
+def _count_bytes(transfers):
+    """Have the hub client's HTTP session report every byte it receives to `transfers`."""
+    import httpx2
+    from huggingface_hub import get_session
+
+    class Counted(httpx2.SyncByteStream):
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __iter__(self):
+            for chunk in self.stream:
+                transfers.received(len(chunk))
+                yield chunk
+
+        def close(self):
+            self.stream.close()
+
+    def hook(response):
+        response.stream = Counted(response.stream)
+
+    session = get_session()
+    hooks = session.event_hooks
+    hooks["response"] = [*hooks.get("response", []), hook]
+    session.event_hooks = hooks
+
+
+def _download_shard(name, data_dir, transfers):
     """Fetch one shard with the hub client, which renames the file into place only when it is complete."""
+    transfers.start(name)
+    ok = False
+    try:
+        _fetch_shard(name, data_dir)
+        ok = True
+    finally:
+        transfers.finish(ok)
+
+
+def _fetch_shard(name, data_dir):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
     path = data_dir / name
@@ -358,12 +448,19 @@ def download_data(num_shards, workers, data_dir=None):
     if not missing:
         return 0, len(wanted)
     disable_progress_bars()
-    with tqdm(total=len(missing), desc="downloading shards", unit="shard", disable=None) as bar:   # bar on a terminal only
-        _download_shard(missing[0], data_dir)   # one first, so that a dead network fails fast, once
-        bar.update()
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for _ in pool.map(lambda n: _download_shard(n, data_dir), missing[1:]):
-                bar.update()
+    transfers, stop = _Transfers(len(missing)), threading.Event()
+    _count_bytes(transfers)
+    watchdog = threading.Thread(target=transfers.watch, args=(stop, not sys.stdout.isatty()), daemon=True)
+    watchdog.start()
+    try:
+        with tqdm(total=len(missing), desc="downloading shards", unit="shard", disable=None) as bar:   # a terminal's
+            _download_shard(missing[0], data_dir, transfers)   # one first, so that a dead network fails fast, once
+            bar.update()
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                for _ in pool.map(lambda n: _download_shard(n, data_dir, transfers), missing[1:]):
+                    bar.update()
+    finally:
+        stop.set()
     return len(missing), len(wanted) - len(missing)
 
 
@@ -607,11 +704,11 @@ class Tokenizer:
         self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
 
     @classmethod
-    def from_directory(cls, tokenizer_dir=None):
+    def from_directory(cls, tokenizer_dir=None, check_metric_files=True):
         """
         The saved tokenizer, once the files the metric depends on match their records (tokenizer, token byte
-        lengths, validation shard and rows). Holds a shared lock on the cache until the process exits, so that
-        no prepare.py rewrites them under a run.
+        lengths, validation shard and rows; prepare.py, which repairs them, skips the last three). Holds a shared
+        lock on the cache until the process exits, so that no prepare.py rewrites them under a run.
         """
         tokenizer_dir = Path(tokenizer_dir or TOKENIZER_DIR)
         lock_cache(exclusive=False)
@@ -625,7 +722,8 @@ class Tokenizer:
         if record is None or record["sha256"] != sha:
             raise HarnessError(_mismatch(tokenizer_dir / "tokenizer.json"))
         tokenizer = cls(_encoding_from_meta(meta), id=sha[:16])
-        _check_metric_files(tokenizer, tokenizer_dir, sha)
+        if check_metric_files:
+            _check_metric_files(tokenizer, tokenizer_dir, sha)
         return tokenizer
 
     def get_vocab_size(self):
@@ -1038,7 +1136,7 @@ def main(argv=None):
     else:
         print(f"tokenizer: trained {VOCAB_SIZE} tokens in {seconds:.1f}s, saved to {TOKENIZER_DIR}")
     t1 = time.time()
-    tokenizer = Tokenizer.from_directory()
+    tokenizer = Tokenizer.from_directory(check_metric_files=False)
     written = cache_tokens(tokenizer)
     validation_rows(tokenizer, MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN)
     print(f"tokens: {written} shards tokenized into {_tokens_dir(tokenizer)} in {time.time() - t1:.1f}s, "
