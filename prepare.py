@@ -15,6 +15,7 @@ import argparse
 import base64
 import bisect
 import collections
+import errno
 import hashlib
 import itertools
 import json
@@ -83,13 +84,25 @@ def shard_name(index):
     return f"shard_{index:05d}.parquet"
 
 
-def _atomic_write(path, write):
-    """write(tmp_path), then rename: a crash never leaves a half-written file at `path`."""
+class DiskFull(HarnessError):
+    """A cache write ran out of space: one line naming the file and the space it needs."""
+
+
+def _atomic_write(path, write, needed=None):
+    """write(tmp_path), then rename: a crash never leaves a half-written file at `path` (`needed`: its bytes)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno != errno.ENOSPC and "No space left" not in str(e):   # pyarrow's errors may carry no errno
+            raise
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        raise DiskFull(f"no space left on the device for {path} ({f'{needed / 1e6:.1f} MB needed, ' if needed else ''}"
+                       f"{free / 1e6:.1f} MB free): free some space, or set AUTORESEARCH_CACHE to a larger disk, "
+                       f"and run the same command again") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -128,10 +141,10 @@ def _write_record(path, made_from, **facts):
     return record
 
 
-def _write_cache_file(path, write, made_from, **facts):
+def _write_cache_file(path, write, made_from, needed=None, **facts):
     """write(tmp) into place atomically, then the record; a crash in between leaves a file with no record."""
     _record_path(path).unlink(missing_ok=True)
-    _atomic_write(path, write)
+    _atomic_write(path, write, needed)
     return _write_record(path, made_from, **facts)
 
 
@@ -499,7 +512,7 @@ def copy_source(source, data_dir=None):
         made_from = {"source": str(src), "sha256": _sha256(src)}
         if read_record(data_dir / name, made_from):
             continue
-        _write_cache_file(data_dir / name, lambda tmp: shutil.copyfile(src, tmp), made_from)
+        _write_cache_file(data_dir / name, lambda tmp: shutil.copyfile(src, tmp), made_from, src.stat().st_size)
         copied += 1
     return len(train), val.name, copied
 
@@ -510,12 +523,17 @@ def _one_line(e):
 
 def _texts(rows, name, column):
     """The non-empty strings of one column of a streamed split; a missing column fails naming those there are."""
-    if rows.column_names and column in rows.column_names:
+    missing = f"{name} has no column {column!r} (columns: {{}}): name its text column with --text-column COL"
+    if rows.column_names and column not in rows.column_names:
+        # Known from the schema (parquet): fail before reading. A pyarrow scan abandoned after its first rows was
+        # still being torn down at exit and sometimes aborted the process (exit -6, "terminate called without an
+        # active exception", apache/arrow#45214; `datasets` works around it only for pyarrow <= 24).
+        raise HarnessError(missing.format(", ".join(rows.column_names)))
+    if rows.column_names:
         rows = rows.select_columns([column])   # stream only the text
     for row in rows:
         if column not in row:
-            raise HarnessError(f"{name} has no column {column!r} (columns: {', '.join(row)}): "
-                               f"name its text column with --text-column COL")
+            raise HarnessError(missing.format(", ".join(row)))
         if isinstance(row[column], str) and row[column]:
             yield row[column]
 
@@ -829,9 +847,10 @@ def cache_tokens(tokenizer, max_train_shards=TOKEN_CACHE_SHARDS):
             raise HarnessError(f"tokenizing {path} gave id {max_id} >= {tokenizer.get_vocab_size()}: this is a bug")
         stem, made_from = path.name.removesuffix(".parquet"), {"shard": _shard_sha256(path), "tokenizer": tokenizer.id}
         _record_path(out / f"{stem}.index.npz").unlink(missing_ok=True)
-        _write_cache_file(out / f"{stem}.tokens.npy", lambda tmp: _save_npy(tmp, tokens), made_from, max_id=max_id)
+        _write_cache_file(out / f"{stem}.tokens.npy", lambda tmp: _save_npy(tmp, tokens), made_from, tokens.nbytes,
+                          max_id=max_id)
         _write_cache_file(out / f"{stem}.index.npz", lambda tmp: _save_npy(   # its record, last, marks completion
-            tmp, offsets=offsets, batches=batches), made_from)
+            tmp, offsets=offsets, batches=batches), made_from, offsets.nbytes + batches.nbytes)
         written += 1
     return written
 
@@ -973,9 +992,10 @@ def validation_rows(tokenizer, T, n_rows):
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_cache_file(path, lambda tmp: _save_npy(tmp, rows), made_from)
-        except OSError as e:
-            print(f"note: validation rows not cached in {path} ({e.strerror or e}); they are packed again next run")
+            _write_cache_file(path, lambda tmp: _save_npy(tmp, rows), made_from, rows.nbytes)
+        except (OSError, DiskFull) as e:
+            why = e.code if isinstance(e, DiskFull) else f"{type(e).__name__}: {e}"
+            print(f"note: the validation rows are not cached ({why}); they are packed again next time")
     return rows
 
 # ---------------------------------------------------------------------------

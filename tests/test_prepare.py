@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -407,3 +408,69 @@ def test_a_run_refuses_to_start_while_prepare_writes(tiny_cache, tmp_path):
     assert start.returncode == 1
     lines = start.stderr.strip().splitlines()
     assert len(lines) == 1 and "a prepare.py is writing the cache" in lines[0]
+
+# ---------------------------------------------------------------------------
+# Failure paths: orphans, a full disk, an optional cache write, too many files
+# ---------------------------------------------------------------------------
+
+
+def test_orphaned_temporary_files_are_removed_on_the_next_run(tiny_cache, tmp_path):
+    cache = shutil.copytree(tiny_cache, tmp_path / "cache")
+    corpus = tiny_cache.parent / "corpus"
+    root = source_root(cache, corpus)
+    clean = tree(cache)
+    tokens = next((root / "tokens").iterdir())
+    orphans = [root / "data" / ".shard_00001.parquet.4242.tmp", tokens / ".val_rows_T2048_N10240.npy.4242.tmp",
+               root / "tokenizer" / ".tokenizer.json.4242.tmp"]   # what a kill mid-write leaves
+    for orphan in orphans:
+        orphan.write_bytes(b"half a file")
+    result = run_prepare(cache, "--source", str(corpus))
+    assert result.returncode == 0, result.stderr
+    assert tree(cache) == clean
+
+
+def test_more_source_files_than_shard_names_is_refused(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_shard(corpus / "doc.parquet", make_documents(3, seed=1))
+    for i in range(6543):   # 6,542 training shard names + the validation shard: one file too many
+        os.link(corpus / "doc.parquet", corpus / f"part-{i:05d}.parquet")
+    result = run_prepare(tmp_path / "cache", "--source", str(corpus))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "6543 training files, more than the 6542 shard names" in lines[0]
+    assert not list((tmp_path / "cache").rglob("*.parquet"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 kB tmpfs: a disk that fills up for real (mounting needs root; skipped without it)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_space(small_disk, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", n_train_shards=3, docs_per_shard=400)   # ~185 kB a shard
+    result = run_prepare(small_disk / "cache", "--source", str(corpus))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no space left on the device for " in lines[0]
+    assert re.search(r"/shard_\d{5}\.parquet \(0\.\d MB needed, 0\.\d MB free\): free some space", lines[0])
+    assert not list((small_disk / "cache").rglob("*.tmp"))
+
+
+def test_failing_to_cache_the_validation_rows_never_stops_a_run(tiny_cache, tmp_path):
+    cache = shutil.copytree(tiny_cache, tmp_path / "cache")
+    tokens = next((source_root(cache, tiny_cache.parent / "corpus") / "tokens").iterdir())
+    (tokens / "val_rows_T64_N7.npy" / "in-the-way").mkdir(parents=True)   # the rename into place fails
+    code = TRAIN_START + "print('rows', prepare.validation_rows(tok, 64, 7).shape)\n"
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "rows (7, 65)" in result.stdout and "note: the validation rows are not cached" in result.stdout
