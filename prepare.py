@@ -197,8 +197,8 @@ def read_record(path, made_from=None, full=True):
 
 
 def _mismatch(path):
-    return (f"{path} does not match its record (edited, damaged, or written by an older prepare.py): "
-            f"run `uv run prepare.py` (with the same --source or --dataset) to repair the cache; no val_bpb is reported")
+    return (f"{path} does not match its record (edited, damaged, or written by an older prepare.py): run "
+            f"`uv run prepare.py` (with the same --source or --dataset) to repair the cache; no val_bpb is reported")
 
 
 def check_shard(path):

@@ -76,7 +76,8 @@ def make_corpus(directory, n_train_shards=3, docs_per_shard=400, seed=0):
 def source_root(cache, directory):
     """Where `prepare.py --source DIR` keeps its files: sources/local--<its name>-<hash of its path>."""
     directory = Path(directory).resolve()
-    return Path(cache) / "sources" / f"local--{directory.name}-{hashlib.sha256(str(directory).encode()).hexdigest()[:8]}"
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:8]
+    return Path(cache) / "sources" / f"local--{directory.name}-{digest}"
 
 
 def run_prepare(cache, *args, env=None, timeout=300):

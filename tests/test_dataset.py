@@ -100,7 +100,8 @@ def test_source_is_made_active_again_and_the_variable_overrides(built, stories, 
     assert result.returncode == 0, result.stderr
     assert "AUTORESEARCH_DATASET" in result.stdout and "overrides this for train.py" in result.stdout
     assert "0 copied" in result.stdout and "tokenizer: up to date" in result.stdout   # kept apart: nothing redone
-    assert (cache / "dataset.txt").read_text().strip() == f"local:{corpus}" and files(cache / "datasets") == dataset_files
+    assert (cache / "dataset.txt").read_text().strip() == f"local:{corpus}"
+    assert files(cache / "datasets") == dataset_files
     root = source_root(cache, corpus)
     assert active(cache, tmp_path) == [f"local:{corpus}", str(root / "data"), str(root / "tokenizer")]
     dataset, data_dir, _ = active(cache, tmp_path, AUTORESEARCH_DATASET=str(directory))

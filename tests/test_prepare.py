@@ -320,6 +320,11 @@ def same_size_parquet(path, docs):
     raise AssertionError("no padding gives the same size")
 
 
+def active_root(cache):
+    """The directory holding the tiny cache's data/, tokenizer/ and tokens/."""
+    return next(cache.rglob("tokenizer.json")).parent.parent
+
+
 def apply_fault(fault, root, tokens):
     if fault == "tokenizer_edited":   # one character of one merge
         path = root / "tokenizer" / "tokenizer.json"
@@ -333,7 +338,7 @@ def apply_fault(fault, root, tokens):
         path = tokens / "shard_00000.tokens.npy"
         np.save(path, np.full_like(np.load(path), 9000))
     elif fault == "val_rows_truncated":
-        path = tokens / "val_rows_T2048_N10240.npy"
+        path = next(tokens.glob("val_rows_T2048_N10240*.npy"))
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif fault == "val_shard_replaced":   # by another valid shard of the same size
         path = root / "data" / "shard_06542.parquet"
@@ -346,7 +351,7 @@ def apply_fault(fault, root, tokens):
 def test_a_damaged_cache_is_refused_by_train_and_repaired_by_prepare(tiny_cache, tmp_path, fault):
     cache = shutil.copytree(tiny_cache, tmp_path / "cache")
     corpus = tiny_cache.parent / "corpus"
-    root = source_root(cache, corpus)
+    root = active_root(cache)
     clean = tree(cache)
     tokens = next((root / "tokens").iterdir())
     path = apply_fault(fault, root, tokens)
@@ -417,7 +422,7 @@ def test_a_run_refuses_to_start_while_prepare_writes(tiny_cache, tmp_path):
 def test_orphaned_temporary_files_are_removed_on_the_next_run(tiny_cache, tmp_path):
     cache = shutil.copytree(tiny_cache, tmp_path / "cache")
     corpus = tiny_cache.parent / "corpus"
-    root = source_root(cache, corpus)
+    root = active_root(cache)
     clean = tree(cache)
     tokens = next((root / "tokens").iterdir())
     orphans = [root / "data" / ".shard_00001.parquet.4242.tmp", tokens / ".val_rows_T2048_N10240.npy.4242.tmp",
@@ -466,8 +471,9 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_space(small_disk, tmp_p
 
 def test_failing_to_cache_the_validation_rows_never_stops_a_run(tiny_cache, tmp_path):
     cache = shutil.copytree(tiny_cache, tmp_path / "cache")
-    tokens = next((source_root(cache, tiny_cache.parent / "corpus") / "tokens").iterdir())
-    (tokens / "val_rows_T64_N7.npy" / "in-the-way").mkdir(parents=True)   # the rename into place fails
+    tokens = next((active_root(cache) / "tokens").iterdir())
+    shutil.rmtree(tokens)
+    tokens.write_text("a file where the token cache's directory should be")   # no cache file can be written there
     code = TRAIN_START + "print('rows', prepare.validation_rows(tok, 64, 7).shape)\n"
     env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
