@@ -15,6 +15,7 @@ import argparse
 import base64
 import bisect
 import collections
+import errno
 import hashlib
 import itertools
 import json
@@ -22,6 +23,8 @@ import math
 import os
 import re
 import shutil
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,13 +84,25 @@ def shard_name(index):
     return f"shard_{index:05d}.parquet"
 
 
-def _atomic_write(path, write):
-    """write(tmp_path), then rename: a crash never leaves a half-written file at `path`."""
+class DiskFull(HarnessError):
+    """A cache write ran out of space: one line naming the file and the space it needs."""
+
+
+def _atomic_write(path, write, needed=None):
+    """write(tmp_path), then rename: a crash never leaves a half-written file at `path` (`needed`: its bytes)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno != errno.ENOSPC and "No space left" not in str(e):   # pyarrow's errors may carry no errno
+            raise
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        raise DiskFull(f"no space left on the device for {path} ({f'{needed / 1e6:.1f} MB needed, ' if needed else ''}"
+                       f"{free / 1e6:.1f} MB free): free some space, or set AUTORESEARCH_CACHE to a larger disk, "
+                       f"and run the same command again") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -99,6 +114,91 @@ def _save_npy(path, array=None, **arrays):
             np.save(f, array, allow_pickle=False)
         else:
             np.savez(f, **arrays)
+
+
+# ---------------------------------------------------------------------------
+# Records: every cache file has one beside it (NAME.sha256.json), written right after the file: its sha256, its
+# size and what it was made from (source shard, tokenizer, settings, by content). A file whose record is missing
+# or does not match is never used: prepare.py rebuilds it, train.py refuses or falls back to the source.
+# ---------------------------------------------------------------------------
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _record_path(path):
+    return Path(path).with_name(Path(path).name + ".sha256.json")
+
+
+def _write_record(path, made_from, **facts):
+    record = dict(sha256=_sha256(path), size=Path(path).stat().st_size, made_from=made_from, **facts)
+    _atomic_write(_record_path(path), lambda tmp: tmp.write_text(json.dumps(record, sort_keys=True) + "\n"))
+    return record
+
+
+def _write_cache_file(path, write, made_from, needed=None, **facts):
+    """write(tmp) into place atomically, then the record; a crash in between leaves a file with no record."""
+    _record_path(path).unlink(missing_ok=True)
+    _atomic_write(path, write, needed)
+    return _write_record(path, made_from, **facts)
+
+
+_held_locks = {}   # lock file -> its descriptor: held until the process exits
+
+
+def lock_cache(exclusive):
+    """
+    One writer at a time: prepare.py holds CACHE_DIR/.lock exclusively while it writes; a reader (train.py, from
+    loading the tokenizer through evaluation) holds it shared. A writer waits for readers, saying so; a reader
+    started while a writer works refuses in one line. Once per process and cache; nothing to lock if no cache.
+    """
+    import fcntl
+    path = CACHE_DIR / ".lock"
+    if path in _held_locks:
+        return
+    if exclusive:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if exclusive:
+            raise
+        return   # no cache here (or a read-only one): nothing a prepare.py could be writing
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not exclusive:
+            os.close(fd)
+            raise HarnessError(f"a prepare.py is writing the cache {CACHE_DIR}: run again once it has finished")
+        print(f"waiting for the cache {CACHE_DIR}: a train.py run or another prepare.py is using it", flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    _held_locks[path] = fd
+
+
+def read_record(path, made_from=None, full=True):
+    """
+    The record of a cache file if the file matches it, else None. `made_from`, if given, must equal what the
+    file was made from; `full` compares the content's sha256, else only the size (big files at train time).
+    """
+    try:
+        record = json.loads(_record_path(path).read_text())
+        if made_from is not None and record["made_from"] != made_from:
+            return None
+        if Path(path).stat().st_size != record["size"] or full and _sha256(path) != record["sha256"]:
+            return None
+        return record
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _mismatch(path):
+    return (f"{path} does not match its record (edited, damaged, or written by an older prepare.py): run "
+            f"`uv run prepare.py` (with the same --source or --dataset) to repair the cache; no val_bpb is reported")
 
 
 def check_shard(path):
@@ -142,16 +242,20 @@ def dataset_name(name):
 
 def dataset_root(name):
     """
-    Where a dataset's data/, tokenizer/ and tokens/ live: CACHE_DIR for the default one, else
-    CACHE_DIR/datasets/<slug>: 'owner/name' -> 'owner--name', a directory -> 'local--<its name>-<hash of its path>'.
+    Where a dataset's data/, tokenizer/ and tokens/ live, apart from every other's: CACHE_DIR for the default one,
+    CACHE_DIR/sources/<slug> for a --source directory (named 'local:<its path>'), else CACHE_DIR/datasets/<slug>:
+    'owner/name' -> 'owner--name', a directory -> 'local--<its name>-<hash of its path>'.
     """
     if name == DATASET_REPO:
         return CACHE_DIR
+    parent = "datasets"
+    if name.startswith("local:"):
+        parent, name = "sources", name.removeprefix("local:")
     slug = f"local--{Path(name).name}-{hashlib.sha256(name.encode()).hexdigest()[:8]}" if os.path.isabs(name) else name
     slug = re.sub(r"[^A-Za-z0-9._-]", "", slug.replace("/", "--"))
-    if not slug.strip("."):
+    if not slug.strip(".") or parent == "sources" and not os.path.isabs(name):
         raise HarnessError(f"{name!r} is not a dataset name")
-    return CACHE_DIR / "datasets" / slug
+    return CACHE_DIR / parent / slug
 
 
 def read_source(data_dir):
@@ -172,6 +276,7 @@ def _claim(data_dir, name):
     if read_source(data_dir).get("dataset") != name:
         for old in data_dir.glob("shard_*.parquet"):
             old.unlink()
+            _record_path(old).unlink(missing_ok=True)
         _write_source(data_dir, dataset=name)
 
 
@@ -216,8 +321,97 @@ def _check_reachable(repo=DATASET_REPO, timeout=5.0):
         raise HarnessError(f"{_network_hint(repo)} ({e})") from None
 
 
-def _download_shard(name, data_dir):
+# A transfer that receives less than STALL_BYTES in STALL_SECONDS fails (the hub client alone waits ~6.5 minutes
+# for a hub that never answers, and forever for one that trickles); with output that is not a terminal, a progress
+# line every PROGRESS_SECONDS. The variables exist for the tests.
+STALL_SECONDS = float(os.environ.get("AUTORESEARCH_STALL_SECONDS") or 60)
+STALL_BYTES = 1 << 20
+PROGRESS_SECONDS = float(os.environ.get("AUTORESEARCH_PROGRESS_SECONDS") or 30)
+
+
+class _Transfers:
+    """What each download thread is fetching and when it last made progress; bytes and shards done in all."""
+
+    def __init__(self, total):
+        self.lock, self.active, self.total = threading.Lock(), {}, total
+        self.done = self.bytes = 0
+        self.t0 = time.monotonic()
+
+    def start(self, name):
+        with self.lock:
+            self.active[threading.get_ident()] = [name, time.monotonic(), 0]
+
+    def finish(self, ok):
+        with self.lock:
+            self.active.pop(threading.get_ident(), None)
+            self.done += ok
+
+    def received(self, n):
+        with self.lock:
+            self.bytes += n
+            transfer = self.active.get(threading.get_ident())
+            if transfer is not None:
+                transfer[2] += n
+                if transfer[2] >= STALL_BYTES:   # progress: the clock starts again
+                    transfer[1:] = [time.monotonic(), 0]
+
+    def watch(self, stop, show_progress):
+        """Until `stop` is set: a progress line when due; the process ends in one line if a transfer stalls."""
+        last_line = time.monotonic()
+        while not stop.wait(min(1.0, PROGRESS_SECONDS, STALL_SECONDS)):
+            now = time.monotonic()
+            if show_progress and now - last_line >= PROGRESS_SECONDS:
+                mb = self.bytes / 1e6
+                print(f"downloading: {self.done}/{self.total} shards, {mb:.1f} MB, {mb / (now - self.t0):.2f} MB/s",
+                      flush=True)
+                last_line = now
+            with self.lock:
+                stalled = [name for name, since, _ in self.active.values() if now - since >= STALL_SECONDS]
+            if stalled:
+                print(f"prepare.py: downloading {stalled[0]} made no progress for {STALL_SECONDS:.0f}s (less than "
+                      f"{STALL_BYTES >> 20} MiB): check the network (or HF_ENDPOINT) and run the same command "
+                      f"again; complete shards are kept", file=sys.stderr, flush=True)
+                os._exit(1)   # the stalled thread cannot be interrupted; nothing half-written is ever trusted
+
+
+def _count_bytes(transfers):
+    """Have the hub client's HTTP session report every byte it receives to `transfers`."""
+    import httpx2
+    from huggingface_hub import get_session
+
+    class Counted(httpx2.SyncByteStream):
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __iter__(self):
+            for chunk in self.stream:
+                transfers.received(len(chunk))
+                yield chunk
+
+        def close(self):
+            self.stream.close()
+
+    def hook(response):
+        response.stream = Counted(response.stream)
+
+    session = get_session()
+    hooks = session.event_hooks
+    hooks["response"] = [*hooks.get("response", []), hook]
+    session.event_hooks = hooks
+
+
+def _download_shard(name, data_dir, transfers):
     """Fetch one shard with the hub client, which renames the file into place only when it is complete."""
+    transfers.start(name)
+    ok = False
+    try:
+        _fetch_shard(name, data_dir)
+        ok = True
+    finally:
+        transfers.finish(ok)
+
+
+def _fetch_shard(name, data_dir):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
     path = data_dir / name
@@ -233,6 +427,7 @@ def _download_shard(name, data_dir):
                                f"again to fetch what is missing") from None
         try:
             check_shard(path)
+            _write_record(path, {"repo": DATASET_REPO, "file": name})
             return path
         except HarnessError:
             path.unlink(missing_ok=True)   # a corrupt file: fetch it once more from scratch
@@ -255,12 +450,10 @@ def download_data(num_shards, workers, data_dir=None):
     missing = []
     for name in wanted:
         path = data_dir / name
-        if ours and path.exists():
-            try:
-                check_shard(path)
-                continue
-            except HarnessError:
-                path.unlink()   # corrupt leftover: download it again
+        if ours and read_record(path, {"repo": DATASET_REPO, "file": name}):
+            continue
+        if ours and _record_path(path).exists():
+            path.unlink(missing_ok=True)   # not what was downloaded: fetch it again
         missing.append(name)
     if missing:
         _check_reachable()   # before _claim: no network, nothing deleted
@@ -268,38 +461,58 @@ def download_data(num_shards, workers, data_dir=None):
     if not missing:
         return 0, len(wanted)
     disable_progress_bars()
-    with tqdm(total=len(missing), desc="downloading shards", unit="shard", disable=None) as bar:   # bar on a terminal only
-        _download_shard(missing[0], data_dir)   # one first, so that a dead network fails fast, once
-        bar.update()
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for _ in pool.map(lambda n: _download_shard(n, data_dir), missing[1:]):
-                bar.update()
+    transfers, stop = _Transfers(len(missing)), threading.Event()
+    _count_bytes(transfers)
+    watchdog = threading.Thread(target=transfers.watch, args=(stop, not sys.stdout.isatty()), daemon=True)
+    watchdog.start()
+    try:
+        with tqdm(total=len(missing), desc="downloading shards", unit="shard", disable=None) as bar:   # a terminal's
+            _download_shard(missing[0], data_dir, transfers)   # one first, so that a dead network fails fast, once
+            bar.update()
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                for _ in pool.map(lambda n: _download_shard(n, data_dir, transfers), missing[1:]):
+                    bar.update()
+    finally:
+        stop.set()
     return len(missing), len(wanted) - len(missing)
 
 
-def copy_source(source, data_dir=None):
-    """Mirror a directory of parquet files into the cache under canonical shard names."""
-    source, data_dir = Path(source), Path(data_dir or DATA_DIR)
+def check_source(source):
+    """A --source directory, resolved; one inside the cache is refused (filling from it would delete it)."""
+    source = Path(source)
     if not source.is_dir():
         raise HarnessError(f"--source {source} is not a directory")
+    source, cache = source.resolve(), CACHE_DIR.resolve()
+    if source == cache or cache in source.parents:
+        raise HarnessError(f"--source {source} is inside the cache {cache}: give a directory of your own parquet files")
+    return source
+
+
+def copy_source(source, data_dir=None):
+    """Mirror a directory of parquet files into the cache under canonical shard names, verified by content."""
+    source, data_dir = check_source(source), Path(data_dir or DATA_DIR)
     files = sorted(source.glob("*.parquet"))
     if len(files) < 2:
         raise HarnessError(f"--source {source} needs at least 2 parquet files (training + validation), found {len(files)}")
     val = next((f for f in files if f.name == VAL_FILENAME), files[-1])
     train = [f for f in files if f != val]
+    if len(train) > MAX_SHARD:
+        raise HarnessError(f"--source {source} has {len(train)} training files, more than the {MAX_SHARD} shard names "
+                           f"(shard_00000 ... shard_{MAX_SHARD - 1:05d}): use at most {MAX_SHARD + 1} files")
     plan = {VAL_FILENAME: val, **{shard_name(i): f for i, f in enumerate(train)}}
     for src in plan.values():
         check_shard(src)
-    _claim(data_dir, f"local:{source.resolve()}")
+    _claim(data_dir, f"local:{source}")
     for stale in data_dir.glob("shard_*.parquet"):
         if stale.name not in plan:
             stale.unlink()
+            _record_path(stale).unlink(missing_ok=True)
     copied = 0
     for name, src in plan.items():
-        dst = data_dir / name
-        if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
+        made_from = {"source": str(src), "sha256": _sha256(src)}
+        if read_record(data_dir / name, made_from):
             continue
-        _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+        _write_cache_file(data_dir / name, lambda tmp: shutil.copyfile(src, tmp), made_from, src.stat().st_size)
         copied += 1
     return len(train), val.name, copied
 
@@ -310,12 +523,21 @@ def _one_line(e):
 
 def _texts(rows, name, column):
     """The non-empty strings of one column of a streamed split; a missing column fails naming those there are."""
-    if rows.column_names and column in rows.column_names:
+    def missing(columns):
+        return HarnessError(f"{name} has no column {column!r} (columns: {', '.join(columns)}): "
+                            f"name its text column with --text-column COL")
+
+    if rows.column_names and column not in rows.column_names:
+        # Known from the schema (parquet): fail before reading any row. Exiting right after reading the first rows
+        # of a streamed parquet split aborts about one run in ten ("terminate called without an active exception",
+        # exit -6): its pyarrow scan is torn down at interpreter exit, as in apache/arrow#45214, which `datasets`
+        # works around only for pyarrow <= 24.
+        raise missing(rows.column_names)
+    if rows.column_names:
         rows = rows.select_columns([column])   # stream only the text
     for row in rows:
         if column not in row:
-            raise HarnessError(f"{name} has no column {column!r} (columns: {', '.join(row)}): "
-                               f"name its text column with --text-column COL")
+            raise missing(row)
         if isinstance(row[column], str) and row[column]:
             yield row[column]
 
@@ -347,9 +569,18 @@ def _chunks(docs, max_docs, max_chars):
         yield chunk
 
 
-def _write_docs(path, docs):
+def _write_docs(path, docs, made_from):
     table = pa.table({"text": pa.array(docs, pa.string())})
-    pq.write_table(table, path, row_group_size=ROW_GROUP_DOCS, compression="zstd")
+    _write_cache_file(path, lambda tmp: pq.write_table(table, tmp, row_group_size=ROW_GROUP_DOCS,
+                                                       compression="zstd"), made_from)
+
+
+def _converted(data_dir, done):
+    """Whether data_dir holds exactly the shards of the conversion recorded in `done`, each matching its record."""
+    made_from = {"dataset": done.get("dataset"), "text_column": done.get("text_column")}
+    shards = sorted(data_dir.glob("shard_*.parquet"))
+    return (len(shards) == done.get("train_shards", -1) + 1
+            and all(read_record(p, made_from) for p in shards))
 
 
 def convert_dataset(name, column="text", data_dir=None):
@@ -359,7 +590,7 @@ def convert_dataset(name, column="text", data_dir=None):
     """
     data_dir = Path(data_dir or DATA_DIR)
     done = read_source(data_dir)
-    if (done.get("dataset"), done.get("text_column")) == (name, column):
+    if (done.get("dataset"), done.get("text_column")) == (name, column) and _converted(data_dir, done):
         return done, False
     if not Path(name).is_dir():
         _check_reachable(name)
@@ -377,6 +608,7 @@ def convert_dataset(name, column="text", data_dir=None):
         raise HarnessError(f"{name} has no 'train' split (splits: {', '.join(splits)})")
     val = next((s for s in ("validation", "valid", "test") if s in splits and s != train), None)
     staging = data_dir.with_name("data.partial")   # becomes data_dir once complete: a crash leaves nothing trusted
+    made_from = {"dataset": name, "text_column": column}
     try:
         val_docs = next(_chunks(_texts(splits[val], name, column), HOLDOUT_DOCS, HOLDOUT_CHARS), []) if val else []
         docs = _texts(splits[train], name, column)
@@ -390,7 +622,7 @@ def convert_dataset(name, column="text", data_dir=None):
             val, docs = None, _hold_out_last(docs, val_docs)
         n_shards = n_docs = 0
         for n_shards, chunk in enumerate(_chunks(docs, SHARD_DOCS, SHARD_CHARS), 1):
-            _write_docs(staging / shard_name(n_shards - 1), chunk)
+            _write_docs(staging / shard_name(n_shards - 1), chunk, made_from)
             n_docs += len(chunk)
     except Exception as e:
         raise HarnessError(f"reading {name} failed ({_one_line(e)}); nothing was kept: fix the cause and "
@@ -398,7 +630,7 @@ def convert_dataset(name, column="text", data_dir=None):
     if n_shards == 0:
         shutil.rmtree(staging)
         raise HarnessError(f"{name} has only {len(val_docs)} document(s): too few to train on")
-    _write_docs(staging / VAL_FILENAME, val_docs)
+    _write_docs(staging / VAL_FILENAME, val_docs, made_from)
     done = dict(dataset=name, text_column=column, train_shards=n_shards, train_docs=n_docs,
                 validation=f"split {val!r}" if val else f"last {len(val_docs)} documents of {train!r}",
                 validation_docs=len(val_docs))
@@ -427,10 +659,18 @@ def _tokenizer_training_text(paths):
                 yield doc
 
 
+def _shard_sha256(path, full=True):
+    """A data shard's content hash, from its record once the file is checked against it."""
+    record = read_record(path, full=full)
+    if record is None:
+        raise HarnessError(_mismatch(path))
+    return record["sha256"]
+
+
 def _data_fingerprint(paths):
-    """What the tokenizer depends on: the settings, the source and its shards. Any change means training again."""
+    """What the tokenizer depends on: the settings, the source and its shards' content. Any change: train again."""
     settings = [VOCAB_SIZE, SPLIT_PATTERN, TOKENIZER_MAX_DOC_CHARS, TOKENIZER_MAX_CHARS]
-    return settings + [read_source(paths[0].parent).get("dataset")] + [[p.name, p.stat().st_size] for p in paths]
+    return settings + [read_source(paths[0].parent).get("dataset")] + [[p.name, _shard_sha256(p, False)] for p in paths]
 
 
 def train_tokenizer(data_dir=None, tokenizer_dir=None):
@@ -440,12 +680,9 @@ def train_tokenizer(data_dir=None, tokenizer_dir=None):
     paths = list_shards("train", data_dir)
     fingerprint = _data_fingerprint(paths)
     meta_path = tokenizer_dir / "tokenizer.json"
-    if meta_path.exists() and (tokenizer_dir / "token_bytes.npy").exists():
-        try:
-            if json.loads(meta_path.read_text()).get("data") == fingerprint:
-                return None
-        except ValueError:
-            pass   # unreadable: train again
+    record = read_record(meta_path, fingerprint)
+    if record and read_record(tokenizer_dir / "token_bytes.npy", {"tokenizer": record["sha256"]}):
+        return None
     t0 = time.time()
     bpe = rustbpe.Tokenizer()
     bpe.train_from_iterator(_tokenizer_training_text(paths), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
@@ -467,8 +704,10 @@ def train_tokenizer(data_dir=None, tokenizer_dir=None):
     token_bytes = np.zeros(VOCAB_SIZE, dtype=np.int32)   # special tokens stay 0: they carry no bytes
     token_bytes[:n_ranks] = [len(bytes(b)) for b, _ in ranks]
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(tokenizer_dir / "token_bytes.npy", lambda tmp: _save_npy(tmp, token_bytes))
-    _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))   # written last: marks completion
+    _record_path(tokenizer_dir / "token_bytes.npy").unlink(missing_ok=True)
+    record = _write_cache_file(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)), fingerprint)
+    _write_cache_file(tokenizer_dir / "token_bytes.npy", lambda tmp: _save_npy(tmp, token_bytes),
+                      {"tokenizer": record["sha256"]})   # its record, written last, marks completion
     return time.time() - t0
 
 
@@ -487,14 +726,27 @@ class Tokenizer:
         self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
 
     @classmethod
-    def from_directory(cls, tokenizer_dir=None):
+    def from_directory(cls, tokenizer_dir=None, check_metric_files=True):
+        """
+        The saved tokenizer, once the files the metric depends on match their records (tokenizer, token byte
+        lengths, validation shard and rows; prepare.py, which repairs them, skips the last three). Holds a shared
+        lock on the cache until the process exits, so that no prepare.py rewrites them under a run.
+        """
         tokenizer_dir = Path(tokenizer_dir or TOKENIZER_DIR)
+        lock_cache(exclusive=False)
         try:
             raw = (tokenizer_dir / "tokenizer.json").read_bytes()
             meta = json.loads(raw)
         except (OSError, ValueError):
             raise HarnessError(f"no tokenizer in {tokenizer_dir}: run `uv run prepare.py`") from None
-        return cls(_encoding_from_meta(meta), id=hashlib.sha256(raw).hexdigest()[:16])
+        sha = hashlib.sha256(raw).hexdigest()
+        record = read_record(tokenizer_dir / "tokenizer.json", full=False)
+        if record is None or record["sha256"] != sha:
+            raise HarnessError(_mismatch(tokenizer_dir / "tokenizer.json"))
+        tokenizer = cls(_encoding_from_meta(meta), id=sha[:16])
+        if check_metric_files:
+            _check_metric_files(tokenizer, tokenizer_dir, sha)
+        return tokenizer
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -517,13 +769,32 @@ class Tokenizer:
 
 
 def get_token_bytes(device="cpu", tokenizer_dir=None):
-    """UTF-8 byte length of every token id (0 for special tokens), as an int32 tensor."""
+    """UTF-8 byte length of every token id (0 for special tokens), as an int32 tensor, checked against its record."""
     import torch
     path = Path(tokenizer_dir or TOKENIZER_DIR) / "token_bytes.npy"
+    if not path.exists():
+        raise HarnessError(f"no token byte lengths at {path}: run `uv run prepare.py`")
+    tokenizer = read_record(path.with_name("tokenizer.json"))
+    if tokenizer is None or read_record(path, {"tokenizer": tokenizer["sha256"]}) is None:
+        raise HarnessError(_mismatch(path))
     try:
         return torch.from_numpy(np.load(path, allow_pickle=False)).to(device)
     except (OSError, ValueError):
-        raise HarnessError(f"no token byte lengths at {path}: run `uv run prepare.py`") from None
+        raise HarnessError(_mismatch(path)) from None
+
+
+def _check_metric_files(tokenizer, tokenizer_dir, sha):
+    """Refuse, in one line, a run whose metric would come from files that do not match their records."""
+    token_bytes = tokenizer_dir / "token_bytes.npy"
+    if token_bytes.exists() and read_record(token_bytes, {"tokenizer": sha}) is None:
+        raise HarnessError(_mismatch(token_bytes))
+    val = tokenizer_dir.parent / "data" / VAL_FILENAME
+    if val.exists():
+        T, n_rows = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
+        rows = tokenizer_dir.parent / "tokens" / tokenizer.id / f"val_rows_T{T}_N{n_rows}.npy"
+        made_from = {"shard": _shard_sha256(val), "tokenizer": tokenizer.id, "T": T, "rows": n_rows}
+        if rows.exists() and read_record(rows, made_from) is None:
+            raise HarnessError(_mismatch(rows))
 
 # ---------------------------------------------------------------------------
 # Token cache: every shard tokenized once, at prepare time
@@ -561,7 +832,10 @@ def tokenize_shard(path, tokenizer):
 
 
 def cache_tokens(tokenizer, max_train_shards=TOKEN_CACHE_SHARDS):
-    """Tokenize the validation shard and the first training shards into the cache. Returns how many were written."""
+    """
+    Tokenize the validation shard and the first training shards into the cache, each checked by content against
+    its record first. Returns how many were written.
+    """
     out = _tokens_dir(tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.iterdir():   # token files of an older tokenizer
@@ -569,32 +843,50 @@ def cache_tokens(tokenizer, max_train_shards=TOKEN_CACHE_SHARDS):
             shutil.rmtree(stale, ignore_errors=True)
     written = 0
     for path in list_shards("val") + list_shards("train")[:max_train_shards]:
-        if _load_shard_tokens(path, tokenizer) is not None:
+        if _load_shard_tokens(path, tokenizer, full=True) is not None:
             continue
         tokens, offsets, batches = tokenize_shard(path, tokenizer)
-        stem = path.name.removesuffix(".parquet")
-        _atomic_write(out / f"{stem}.tokens.npy", lambda tmp: _save_npy(tmp, tokens))
-        _atomic_write(out / f"{stem}.index.npz", lambda tmp: _save_npy(   # written last: marks completion
-            tmp, offsets=offsets, batches=batches, source_size=path.stat().st_size))
+        max_id = int(tokens.max()) if len(tokens) else 0
+        if max_id >= tokenizer.get_vocab_size():
+            raise HarnessError(f"tokenizing {path} gave id {max_id} >= {tokenizer.get_vocab_size()}: this is a bug")
+        stem, made_from = path.name.removesuffix(".parquet"), {"shard": _shard_sha256(path), "tokenizer": tokenizer.id}
+        _record_path(out / f"{stem}.index.npz").unlink(missing_ok=True)
+        _write_cache_file(out / f"{stem}.tokens.npy", lambda tmp: _save_npy(tmp, tokens), made_from, tokens.nbytes,
+                          max_id=max_id)
+        _write_cache_file(out / f"{stem}.index.npz", lambda tmp: _save_npy(   # its record, last, marks completion
+            tmp, offsets=offsets, batches=batches), made_from, offsets.nbytes + batches.nbytes)
         written += 1
     return written
 
 
-def _load_shard_tokens(path, tokenizer):
-    """A shard's cached (tokens, offsets, batches), or None if it is not cached for this exact file."""
+def _load_shard_tokens(path, tokenizer, full=False):
+    """
+    A shard's cached (tokens, offsets, batches), or None if it is not cached for this exact file and tokenizer.
+    Checked against the records by content when `full` (prepare time, the validation shard), else by size; and
+    never an id beyond the vocabulary.
+    """
     out = _tokens_dir(tokenizer)
     if out is None:
         return None
     stem = path.name.removesuffix(".parquet")
+    shard = read_record(path, full=full)
+    made_from = shard and {"shard": shard["sha256"], "tokenizer": tokenizer.id}
+    record = made_from and read_record(out / f"{stem}.tokens.npy", made_from, full)
+    if not (record and read_record(out / f"{stem}.index.npz", made_from, full)):
+        return None
     try:
         with np.load(out / f"{stem}.index.npz", allow_pickle=False) as index:
-            if int(index["source_size"]) != path.stat().st_size:
-                return None
             offsets, batches = index["offsets"], index["batches"]
         tokens = np.load(out / f"{stem}.tokens.npy", mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, KeyError):
         return None
-    return (tokens, offsets, batches) if len(tokens) == offsets[-1] else None
+    if len(tokens) != offsets[-1]:
+        return None
+    if len(tokens) and max(record["max_id"], int(tokens.max())) >= tokenizer.get_vocab_size():
+        print(f"prepare.py: {out / stem}.tokens.npy holds ids beyond the vocabulary (overwritten or damaged): "
+              f"tokenizing {path.name} instead; run `uv run prepare.py` to repair the cache", file=sys.stderr)
+        return None
+    return tokens, offsets, batches
 
 # ---------------------------------------------------------------------------
 # Dataloader: BOS-aligned best-fit packing
@@ -608,7 +900,7 @@ def _document_batches(tokenizer, split):
     while True:
         for path in paths:
             try:
-                cached = _load_shard_tokens(path, tokenizer)
+                cached = _load_shard_tokens(path, tokenizer, full=split == "val")
                 tokens, offsets, batches = cached if cached is not None else tokenize_shard(path, tokenizer)
             except (OSError, ValueError) as e:   # pyarrow raises ArrowInvalid (a ValueError) on corrupt data
                 raise HarnessError(f"cannot read {path} ({e}): delete it and run `uv run prepare.py` again") from None
@@ -686,19 +978,28 @@ def make_dataloader(tokenizer, B, T, split, device=None):
 
 
 def validation_rows(tokenizer, T, n_rows):
-    """The first n_rows packed validation rows, (n_rows, T + 1): packed once, then read from the cache."""
-    out = _tokens_dir(tokenizer)
-    val_size = list_shards("val")[0].stat().st_size
-    path = out / f"val_rows_T{T}_N{n_rows}_S{val_size}.npy" if out else None
-    if path is not None and path.exists():
-        return np.load(path, allow_pickle=False)
+    """
+    The first n_rows packed validation rows, (n_rows, T + 1): packed once, then read from the cache when the file
+    matches its record. Caching them is only an optimisation: a failure to write is a note, never an error.
+    """
+    out, path = _tokens_dir(tokenizer), None
+    if out is not None:
+        val = list_shards("val")[0]
+        path = out / f"val_rows_T{T}_N{n_rows}.npy"
+        made_from = {"shard": _shard_sha256(val), "tokenizer": tokenizer.id, "T": T, "rows": n_rows}
+        if read_record(path, made_from):
+            return np.load(path, allow_pickle=False)
     packer = _BestFitPacker(tokenizer, "val")
     rows = np.empty((n_rows, T + 1), dtype=_token_dtype())
     for row in rows:
         packer.fill(row)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: _save_npy(tmp, rows))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_cache_file(path, lambda tmp: _save_npy(tmp, rows), made_from, rows.nbytes)
+        except (OSError, DiskFull) as e:
+            why = e.code if isinstance(e, DiskFull) else f"{type(e).__name__}: {e}"
+            print(f"note: the validation rows are not cached ({why}); they are packed again next time")
     return rows
 
 # ---------------------------------------------------------------------------
@@ -1134,10 +1435,15 @@ def main(argv=None):
     name = dataset_name(args.dataset) if args.dataset else None
     if name == DATASET_REPO:
         raise HarnessError(f"{name} is the default dataset: run `uv run prepare.py` to download it")
+    if args.source:
+        name = f"local:{check_source(args.source)}"
     root = dataset_root(name or DATASET_REPO)   # this command fills this directory, whatever is active now
     DATA_DIR, TOKENIZER_DIR = root / "data", root / "tokenizer"
     t0 = time.time()
     print(f"cache: {CACHE_DIR}")
+    lock_cache(exclusive=True)
+    for orphan in CACHE_DIR.rglob(".*.tmp"):   # left by a run that was killed mid-write
+        orphan.unlink(missing_ok=True)
     if args.dataset:
         done, converted = convert_dataset(name, args.text_column or "text")
         print(f"data: {done['train_shards']} training shards ({done['train_docs']:,} documents) + validation "
@@ -1155,7 +1461,7 @@ def main(argv=None):
     else:
         print(f"tokenizer: trained {VOCAB_SIZE} tokens in {seconds:.1f}s, saved to {TOKENIZER_DIR}")
     t1 = time.time()
-    tokenizer = Tokenizer.from_directory()
+    tokenizer = Tokenizer.from_directory(check_metric_files=False)
     written = cache_tokens(tokenizer)
     validation_rows(tokenizer, MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN)
     print(f"tokens: {written} shards tokenized into {_tokens_dir(tokenizer)} in {time.time() - t1:.1f}s, "

@@ -1,9 +1,13 @@
 """Shared fixtures: a tiny synthetic corpus and a cache built from it by the real prepare.py."""
 
+import atexit
+import hashlib
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +16,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.pop("AUTORESEARCH_DATASET", None)   # a developer's choice of data must not leak into the tests
+
+
+def _isolate_environment():
+    """
+    Before any test, fixture or subprocess: none of the user's AUTORESEARCH_* or HF_* settings survive, and the
+    default cache is a fresh directory of this session. A helper that merges os.environ into a subprocess's
+    environment can then never reach ~/.cache/autoresearch, the user's AUTORESEARCH_CACHE or the hub.
+    """
+    for name in [n for n in os.environ if n.startswith(("AUTORESEARCH_", "HF_", "HUGGINGFACE_"))]:
+        del os.environ[name]
+    home = Path(tempfile.mkdtemp(prefix="autoresearch-tests-"))
+    # no hub but the tests' own: port 9 (discard) on this machine answers nothing, so a stray download fails fast
+    os.environ.update(AUTORESEARCH_CACHE=str(home / "cache"), HF_HOME=str(home / "hf"),
+                      HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1")
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+
+
+_isolate_environment()
 
 
 def make_documents(n_docs, seed):
@@ -52,15 +73,22 @@ def make_corpus(directory, n_train_shards=3, docs_per_shard=400, seed=0):
     return directory
 
 
+def source_root(cache, directory):
+    """Where `prepare.py --source DIR` keeps its files: sources/local--<its name>-<hash of its path>."""
+    directory = Path(directory).resolve()
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:8]
+    return Path(cache) / "sources" / f"local--{directory.name}-{digest}"
+
+
 def run_prepare(cache, *args, env=None, timeout=300):
-    full_env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), **(env or {})}
+    full_env = {**os.environ, **(env or {}), "AUTORESEARCH_CACHE": str(cache)}   # the test's cache, always
     return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *args], env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
-    """A cache directory (data/ + tokenizer/) built by `prepare.py --source` from the tiny corpus."""
+    """A cache directory built by `prepare.py --source` from the tiny corpus (in sources/<its own>/, active)."""
     base = tmp_path_factory.mktemp("harness")
     corpus = make_corpus(base / "corpus")
     cache = base / "cache"
@@ -74,8 +102,9 @@ def harness(tiny_cache, monkeypatch):
     """prepare.py pointed at the tiny cache, with the sequence length and eval size shrunk in-process."""
     import prepare
     monkeypatch.setattr(prepare, "CACHE_DIR", tiny_cache)
-    monkeypatch.setattr(prepare, "DATA_DIR", tiny_cache / "data")
-    monkeypatch.setattr(prepare, "TOKENIZER_DIR", tiny_cache / "tokenizer")
+    root = prepare.dataset_root(prepare.configured_dataset())   # the --source directory's own, made active
+    monkeypatch.setattr(prepare, "DATA_DIR", root / "data")
+    monkeypatch.setattr(prepare, "TOKENIZER_DIR", root / "tokenizer")
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 64 * 20)
     return prepare

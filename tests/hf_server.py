@@ -5,6 +5,7 @@
         hub.cut("shard_00000.parquet", after_bytes=1000, times=1, mode="reset")  # optional fault
         ...
         hub.requests                  # [(method, path, Range header or None), ...] in arrival order
+        hub.silent = True             # from now on, accept every connection and never answer
 
 What the client does (huggingface_hub/file_download.py, utils/_http.py):
   1. HEAD {endpoint}/datasets/{repo}/resolve/{revision}/{filename}, following redirects only within the same
@@ -39,6 +40,7 @@ class FakeHub:
         self.root, self.repo_id, self.redirect = Path(root_dir), repo_id, redirect
         self.commit = hashlib.sha1(repo_id.encode()).hexdigest()  # any 40-hex string will do as the commit id
         self.requests = []
+        self.silent = False  # accept, read the request, never answer (until the server stops)
         self._cuts = {}  # filename -> [after_bytes, times_left, mode]
         self._lock = threading.Lock()
         self._stopped = threading.Event()  # releases "stall" handlers at shutdown
@@ -55,9 +57,10 @@ class FakeHub:
                       (giving up after 5 retries in a row that yield no complete 10 MiB chunk, 1 s apart);
         mode="reset": RST -> httpx2.ReadError, which hf_hub_download does NOT retry: the call raises;
         mode="stall": send the bytes, then hang until the server stops -> httpx2.ReadTimeout after
-                      HF_HUB_DOWNLOAD_TIMEOUT, retried like "close".
+                      HF_HUB_DOWNLOAD_TIMEOUT, retried like "close";
+        mode="trickle": send the bytes, then the rest 64 bytes every 0.1 s (no read ever times out).
         A GET whose Range starts at or after `after_bytes` is broken before its first body byte."""
-        assert mode in ("close", "reset", "stall")
+        assert mode in ("close", "reset", "stall", "trickle")
         with self._lock:
             self._cuts[filename] = [after_bytes, times, mode]
 
@@ -108,6 +111,10 @@ def _make_handler(hub):
         def _serve(self):
             path = self.path.split("?")[0]
             hub.requests.append((self.command, path, self.headers.get("Range")))
+            if hub.silent:
+                hub._stopped.wait()
+                self.close_connection = True
+                return
             resolve, cdn = RESOLVE.match(path), CDN.match(path)
             if resolve and resolve["repo"] != hub.repo_id or not (resolve or cdn):
                 return self._error("RepoNotFound")
@@ -142,6 +149,14 @@ def _make_handler(hub):
                 return
             after_bytes, mode = cut
             self.wfile.write(data[: max(0, after_bytes - start)])  # ... but we deliver less
+            if mode == "trickle":
+                for i in range(max(0, after_bytes - start), len(data), 64):
+                    if hub._stopped.wait(0.1):
+                        break
+                    with contextlib.suppress(OSError):
+                        self.wfile.write(data[i : i + 64])
+                        self.wfile.flush()
+                return
             self.close_connection = True
             if mode == "stall":
                 hub._stopped.wait()

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, make_corpus, make_documents, run_prepare
+from conftest import ROOT, make_corpus, make_documents, run_prepare, source_root
 from hf_server import serve
 
 
@@ -57,12 +57,12 @@ def stories(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, stories):
-    """A cache with the default directory filled by --source, then the stories dataset prepared and active."""
+    """A cache with a --source directory prepared, then the stories dataset prepared and active."""
     base = tmp_path_factory.mktemp("dataset_cache")
     corpus, cache = make_corpus(base / "corpus"), base / "cache"
     first = run_prepare(cache, "--source", str(corpus), env=offline_env(base))
     assert first.returncode == 0, first.stderr
-    default_files = files(cache)
+    default_files = {p: h for p, h in files(cache).items() if p.name != "dataset.txt"}   # the pointer moves on
     result = run_prepare(cache, "--dataset", str(stories[0]), env=offline_env(base))
     assert result.returncode == 0, result.stderr
     return base, corpus, cache, default_files, result
@@ -92,15 +92,18 @@ def test_dataset_is_converted_into_a_cache_of_its_own_and_made_active(built, sto
     assert "already in" in again.stdout and "tokenizer: up to date" in again.stdout and files(cache) == after
 
 
-def test_source_makes_the_default_active_again_and_the_variable_overrides(built, stories, tmp_path):
+def test_source_is_made_active_again_and_the_variable_overrides(built, stories, tmp_path):
     corpus, directory = built[1], stories[0]
     cache = shutil.copytree(built[2], tmp_path / "cache")
     dataset_files = files(cache / "datasets")
     result = run_prepare(cache, "--source", str(corpus), env=offline_env(tmp_path, AUTORESEARCH_DATASET=str(directory)))
     assert result.returncode == 0, result.stderr
     assert "AUTORESEARCH_DATASET" in result.stdout and "overrides this for train.py" in result.stdout
-    assert not (cache / "dataset.txt").exists() and files(cache / "datasets") == dataset_files
-    assert active(cache, tmp_path) == [f"local:{corpus}", str(cache / "data"), str(cache / "tokenizer")]
+    assert "0 copied" in result.stdout and "tokenizer: up to date" in result.stdout   # kept apart: nothing redone
+    assert (cache / "dataset.txt").read_text().strip() == f"local:{corpus}"
+    assert files(cache / "datasets") == dataset_files
+    root = source_root(cache, corpus)
+    assert active(cache, tmp_path) == [f"local:{corpus}", str(root / "data"), str(root / "tokenizer")]
     dataset, data_dir, _ = active(cache, tmp_path, AUTORESEARCH_DATASET=str(directory))
     assert dataset == str(directory) and data_dir.startswith(str(cache / "datasets" / "local--stories-"))
     assert active(cache, tmp_path, AUTORESEARCH_DATASET="karpathy/climbmix-400b-shuffle")[1] == str(cache / "data")
@@ -177,23 +180,34 @@ def test_cache_directories_known_answers(monkeypatch, tmp_path):
         prepare.dataset_root("..")
 
 
-def test_a_fill_from_another_source_replaces_the_shards_first(tmp_path):
-    """Download after --source: shards of the same names from the other source are never kept."""
+def test_sources_keep_their_shards_apart_and_switching_back_and_forth_redoes_nothing(tmp_path):
+    """--source, download, --source, download: each keeps its own shards; nothing is copied or fetched twice."""
     local = make_corpus(tmp_path / "local", n_train_shards=2, docs_per_shard=400, seed=0)
     remote = make_corpus(tmp_path / "remote", n_train_shards=2, docs_per_shard=400, seed=50)
     cache = tmp_path / "cache"
-    assert run_prepare(cache, "--source", str(local), env=offline_env(tmp_path)).returncode == 0
     with serve(remote) as hub:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1", AUTORESEARCH_DATASET="",
-                   NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", AUTORESEARCH_CACHE=str(cache))
-        result = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--num-shards", "2"], env=env,
-                                capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "3 shards downloaded" in result.stdout and "trained 8192 tokens" in result.stdout
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1",
+               "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+        def prepare(*args):
+            result = run_prepare(cache, *args, env=env)
+            assert result.returncode == 0, result.stderr
+            return result.stdout
+
+        assert "2 training shards" in prepare("--source", str(local))
+        assert "3 shards downloaded" in prepare("--num-shards", "2")
+        gets = [r for r in hub.requests if r[0] == "GET"]
+        again = prepare("--source", str(local))
+        assert "0 copied" in again and "tokenizer: up to date" in again and "tokens: 0 shards" in again
+        again = prepare("--num-shards", "2")
+        assert "0 shards downloaded, 3 already present" in again and "tokenizer: up to date" in again
+        assert [r for r in hub.requests if r[0] == "GET"] == gets
     for p in (cache / "data").glob("*.parquet"):
         assert p.read_bytes() == (remote / p.name).read_bytes()
+    for p in (source_root(cache, local) / "data").glob("*.parquet"):
+        assert p.read_bytes() == (local / p.name).read_bytes()
     assert json.loads((cache / "source.json").read_text()) == {"dataset": "karpathy/climbmix-400b-shuffle"}
+    assert active(cache, tmp_path)[1] == str(cache / "data")
 
 
 def test_a_conversion_cut_short_leaves_nothing_trusted(tmp_path):
@@ -211,3 +225,23 @@ def test_a_conversion_cut_short_leaves_nothing_trusted(tmp_path):
     root = root_of(cache, directory)
     assert (root / "data.partial").is_dir()   # what was written so far, under a name nothing reads
     assert not (root / "data").exists() and not (root / "source.json").exists() and not (cache / "dataset.txt").exists()
+
+
+def test_a_missing_column_known_from_the_schema_fails_before_any_row_is_read(tmp_path):
+    """The abort at exit (-6, 'terminate called without an active exception', about 1 run in 10) came from a pyarrow
+    scan of the streamed parquet files abandoned after its first row; reading no row at all leaves none behind."""
+    import datasets
+    import prepare
+    directory = tmp_path / "tales"
+    directory.mkdir()
+    pq.write_table(pa.table({"story": make_documents(50, seed=1), "n": list(range(50))}), directory / "x.parquet")
+    rows = datasets.load_dataset(str(directory), streaming=True)["train"]
+
+    class Unread:   # the real dataset's schema; reading a row fails the test
+        column_names = rows.column_names
+
+        def __iter__(self):
+            raise AssertionError("a row was read")
+
+    with pytest.raises(prepare.HarnessError, match=r"no column 'text' \(columns: story, n\)"):
+        next(prepare._texts(Unread(), str(directory), "text"))

@@ -12,7 +12,7 @@ from hf_server import serve
 
 def hub_env(hub_url, home, **extra):
     """The environment a user would have, pointed at the fake hub; nothing from ~/.cache or the internet."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "AUTORESEARCH_"))}
     env.update(HF_ENDPOINT=hub_url, HF_HOME=str(home), HF_HUB_DISABLE_XET="1",
                HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5",
                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", **extra)
@@ -25,8 +25,8 @@ def remote(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("remote"), n_train_shards=3, docs_per_shard=400)
 
 
-def prepare(cache, env, *args):
-    return run_prepare(cache, "--num-shards", "2", *args, env=env)
+def prepare(cache, env, *args, timeout=300):
+    return run_prepare(cache, "--num-shards", "2", *args, env=env, timeout=timeout)
 
 
 def test_download_builds_the_cache_and_a_rerun_fetches_nothing(tmp_path, remote):
@@ -102,3 +102,27 @@ def test_offline_mode_with_missing_shards_says_so(tmp_path, remote):
         result = prepare(tmp_path / "cache", hub_env(hub.url, tmp_path / "hf", HF_HUB_OFFLINE="1"))
         assert hub.requests == []
     assert result.returncode == 1 and "HF_HUB_OFFLINE" in result.stderr and "--source" in result.stderr
+
+
+def test_a_hub_that_never_answers_fails_in_bounded_time_with_one_line(tmp_path, remote):
+    with serve(remote) as hub:
+        hub.silent = True   # accepts the connection, reads the request, says nothing
+        env = hub_env(hub.url, tmp_path / "hf", AUTORESEARCH_STALL_SECONDS="3")
+        result = prepare(tmp_path / "cache", env, timeout=120)   # an upper bound for a hang, not a measurement
+        assert hub.requests   # it did get the request
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "made no progress for 3s" in lines[0] and "run the same command again" in lines[0]
+
+
+def test_a_trickling_download_fails_with_one_line_and_progress_is_printed(tmp_path, remote):
+    with serve(remote) as hub:
+        hub.cut("shard_06542.parquet", after_bytes=1000, times=1, mode="trickle")   # the first shard fetched
+        env = hub_env(hub.url, tmp_path / "hf", AUTORESEARCH_STALL_SECONDS="4", AUTORESEARCH_PROGRESS_SECONDS="1")
+        result = prepare(tmp_path / "cache", env, timeout=120)   # output to a pipe, not a terminal
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "downloading shard_06542.parquet made no progress for 4s" in lines[0]
+    progress = [line for line in result.stdout.splitlines() if line.startswith("downloading: ")]
+    assert progress and all(" shards, " in line and " MB, " in line and line.endswith(" MB/s") for line in progress)
+    assert not (tmp_path / "cache" / "data" / "shard_06542.parquet").exists()

@@ -1,14 +1,23 @@
 """The frozen harness: tokenizer, dataloader, metric and the prepare.py command, on the CPU with no network."""
 
+import fcntl
+import hashlib
 import json
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_corpus, make_documents, run_prepare, write_shard
+from conftest import ROOT, make_corpus, make_documents, run_prepare, source_root, write_shard
 from reference_loader import reference_rows
 
 # ---------------------------------------------------------------------------
@@ -41,8 +50,8 @@ def test_token_bytes_are_utf8_lengths(harness):
     assert token_bytes[:256].eq(1).all()   # the 256 single bytes come first
 
 
-def test_tokenizer_is_stored_as_data_not_pickle(tiny_cache):
-    meta = json.loads((tiny_cache / "tokenizer" / "tokenizer.json").read_text())
+def test_tokenizer_is_stored_as_data_not_pickle(harness):
+    meta = json.loads((harness.TOKENIZER_DIR / "tokenizer.json").read_text())
     assert len(meta["mergeable_ranks"]) == 8188
     assert meta["special_tokens"] == {f"<|reserved_{i}|>": 8188 + i for i in range(4)}
 
@@ -73,7 +82,7 @@ def test_validation_rows_are_cached_and_equal_to_packing(harness):
     tok = harness.Tokenizer.from_directory()
     rows = harness.validation_rows(tok, 64, 50)
     assert rows.tolist() == reference_rows(harness.list_shards("val"), tok, 64, 50)
-    assert list(harness._tokens_dir(tok).glob("val_rows_T64_N50_*.npy"))
+    assert harness.read_record(harness._tokens_dir(tok) / "val_rows_T64_N50.npy")["made_from"]["rows"] == 50
     assert harness.validation_rows(tok, 64, 50).tolist() == rows.tolist()
 
 
@@ -197,8 +206,9 @@ def test_source_builds_cache_and_rerun_is_a_no_op(tmp_path):
         write_shard(corpus / name, make_documents(300, seed=i))
     first = run_prepare(tmp_path / "cache", "--source", str(corpus))
     assert first.returncode == 0, first.stderr
-    data = tmp_path / "cache" / "data"
-    assert sorted(p.name for p in data.iterdir()) == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
+    data = source_root(tmp_path / "cache", corpus) / "data"
+    assert sorted(p.name for p in data.glob("*.parquet")) == [
+        "shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
     assert (data / "shard_06542.parquet").read_bytes() == (corpus / "c.parquet").read_bytes()
     assert (data / "shard_00000.parquet").read_bytes() == (corpus / "a.parquet").read_bytes()
     assert "trained 8192 tokens" in first.stdout
@@ -227,8 +237,8 @@ def test_bad_source_fails_with_one_line_and_writes_nothing(tmp_path, problem, me
     result = run_prepare(tmp_path / "cache", "--source", str(corpus))
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
-    assert not (tmp_path / "cache" / "data").exists() or not any((tmp_path / "cache" / "data").iterdir())
-    assert not (tmp_path / "cache" / "tokenizer").exists()
+    root = source_root(tmp_path / "cache", corpus)
+    assert not list((tmp_path / "cache").rglob("*.parquet")) and not (root / "tokenizer").exists()
 
 
 def test_training_without_data_says_what_to_run(tmp_path, harness, monkeypatch):
@@ -236,3 +246,237 @@ def test_training_without_data_says_what_to_run(tmp_path, harness, monkeypatch):
     tok = harness.Tokenizer.from_directory()
     with pytest.raises(harness.HarnessError, match=r"no training shards in .*run `uv run prepare.py`"):
         next(harness.make_dataloader(tok, 2, 16, "train", device="cpu"))
+
+# ---------------------------------------------------------------------------
+# The tests themselves: never a user's files
+# ---------------------------------------------------------------------------
+
+
+def tree(directory):
+    """Every file under a directory with a hash of its contents."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(directory).rglob("*") if p.is_file()}
+
+
+def test_the_suite_never_touches_the_users_cache(tmp_path):
+    """Run cache-writing tests with the user's variables exported: the directories they name stay byte-identical."""
+    user = tmp_path / "user"
+    make_corpus(user / "cache" / "data", n_train_shards=1, docs_per_shard=20, seed=99)   # the user's own shards
+    (user / "cache" / "tokenizer").mkdir()
+    (user / "cache" / "tokenizer" / "tokenizer.json").write_text('{"the user": "tokenizer"}')
+    (user / "stories").mkdir()
+    (user / "stories" / "train.jsonl").write_text('{"text": "the user\'s own dataset"}\n')
+    (user / "hf").mkdir()
+    (user / "hf" / "token").write_text("hf_user_token")
+    before = tree(user)
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(user / "cache"), "AUTORESEARCH_DATASET": str(user / "stories"),
+           "HF_HOME": str(user / "hf"), "OMP_NUM_THREADS": "1"}
+    tests = ["tests/test_download.py::test_download_builds_the_cache_and_a_rerun_fetches_nothing",
+             "tests/test_prepare.py::test_tokenizer_is_stored_as_data_not_pickle",
+             "tests/test_dataset.py::test_conflicting_arguments_are_refused"]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert tree(user) == before
+
+
+@pytest.mark.parametrize("inside", ["data", "."])
+def test_source_inside_the_cache_is_refused_and_deletes_nothing(tmp_path, inside):
+    cache = tmp_path / "cache"
+    make_corpus(cache / "data", n_train_shards=2, docs_per_shard=50)   # a cache as prepare.py laid it out before
+    before = tree(cache)
+    result = run_prepare(cache, "--source", str(cache / inside))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is inside the cache" in lines[0]
+    assert tree(cache) == before
+
+# ---------------------------------------------------------------------------
+# Faults in the cache: train.py's start-up refuses them, a rerun of prepare.py repairs them
+# ---------------------------------------------------------------------------
+
+# train.py's first calls into the harness: the tokenizer, the token byte lengths, a first training batch
+TRAIN_START = """
+import prepare
+tok = prepare.Tokenizer.from_directory()
+prepare.get_token_bytes()
+x, y, _ = next(prepare.make_dataloader(tok, 4, 64, "train", device="cpu"))
+print("max id", int(max(x.max(), y.max())), "vocab", tok.get_vocab_size())
+"""
+
+
+def same_size_parquet(path, docs):
+    """A valid parquet file of `docs` and one document of padding, exactly the size of `path`."""
+    new = path.with_suffix(".new")
+
+    def write(pad):
+        pq.write_table(pa.table({"text": docs + ["x" * pad]}), new, compression="none", use_dictionary=False,
+                       write_statistics=False)   # uncompressed: one more byte of padding, one more byte of file
+        return new.stat().st_size
+
+    pad = path.stat().st_size - write(0)
+    for p in range(max(0, pad - 8), pad + 8):
+        if write(p) == path.stat().st_size:
+            return new.replace(path)
+    raise AssertionError("no padding gives the same size")
+
+
+def active_root(cache):
+    """The directory holding the tiny cache's data/, tokenizer/ and tokens/."""
+    return next(cache.rglob("tokenizer.json")).parent.parent
+
+
+def apply_fault(fault, root, tokens):
+    if fault == "tokenizer_edited":   # one character of one merge
+        path = root / "tokenizer" / "tokenizer.json"
+        text = path.read_text()
+        i = text.index('"mergeable_ranks": ["') + len('"mergeable_ranks": ["') + 1
+        path.write_text(text[:i] + ("B" if text[i] != "B" else "C") + text[i + 1:])
+    elif fault == "token_bytes_doubled":
+        path = root / "tokenizer" / "token_bytes.npy"
+        np.save(path, np.load(path) * 2)
+    elif fault == "token_file_out_of_range":   # overwritten in place: same size, ids beyond the vocabulary
+        path = tokens / "shard_00000.tokens.npy"
+        np.save(path, np.full_like(np.load(path), 9000))
+    elif fault == "val_rows_truncated":
+        path = next(tokens.glob("val_rows_T2048_N10240*.npy"))
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif fault == "val_shard_replaced":   # by another valid shard of the same size
+        path = root / "data" / "shard_06542.parquet"
+        same_size_parquet(path, make_documents(60, seed=4242))
+    return path
+
+
+@pytest.mark.parametrize("fault", ["tokenizer_edited", "token_bytes_doubled", "token_file_out_of_range",
+                                   "val_rows_truncated", "val_shard_replaced"])
+def test_a_damaged_cache_is_refused_by_train_and_repaired_by_prepare(tiny_cache, tmp_path, fault):
+    cache = shutil.copytree(tiny_cache, tmp_path / "cache")
+    corpus = tiny_cache.parent / "corpus"
+    root = active_root(cache)
+    clean = tree(cache)
+    tokens = next((root / "tokens").iterdir())
+    path = apply_fault(fault, root, tokens)
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    start = subprocess.run([sys.executable, "-c", TRAIN_START], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    if fault == "token_file_out_of_range":   # the run goes on, with the shard tokenized afresh, and says so
+        assert start.returncode == 0, start.stderr
+        assert "max id" in start.stdout and int(start.stdout.split()[2]) < 8192
+        assert "holds ids beyond the vocabulary" in start.stderr and path.name in start.stderr
+    else:
+        assert start.returncode == 1
+        lines = start.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"{path.name} does not match its record" in lines[0] and "prepare.py" in lines[0]
+    result = run_prepare(cache, "--source", str(corpus))
+    assert result.returncode == 0, result.stderr
+    assert tree(cache) == clean   # byte for byte what the clean build wrote
+
+# ---------------------------------------------------------------------------
+# One writer at a time
+# ---------------------------------------------------------------------------
+
+
+def hold_lock(cache, kind):
+    """Take the cache's lock in this test process, as a train.py run (shared) or a prepare.py (exclusive) does."""
+    fd = os.open(cache / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, kind)
+    return fd
+
+
+def test_prepare_waits_while_a_run_reads_the_cache(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", n_train_shards=2, docs_per_shard=400)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    reader = hold_lock(cache, fcntl.LOCK_SH)
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--source", str(corpus)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("cache: ")
+        assert proc.stdout.readline().startswith(f"waiting for the cache {cache}")
+        assert not (cache / "sources").exists()   # nothing written while the reader holds the cache
+    finally:
+        os.close(reader)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "tokenizer: trained 8192 tokens" in out
+
+
+def test_a_run_refuses_to_start_while_prepare_writes(tiny_cache, tmp_path):
+    cache = shutil.copytree(tiny_cache, tmp_path / "cache")
+    writer = hold_lock(cache, fcntl.LOCK_EX)
+    try:
+        env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+        start = subprocess.run([sys.executable, "-c", TRAIN_START], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=300)
+    finally:
+        os.close(writer)
+    assert start.returncode == 1
+    lines = start.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a prepare.py is writing the cache" in lines[0]
+
+# ---------------------------------------------------------------------------
+# Failure paths: orphans, a full disk, an optional cache write, too many files
+# ---------------------------------------------------------------------------
+
+
+def test_orphaned_temporary_files_are_removed_on_the_next_run(tiny_cache, tmp_path):
+    cache = shutil.copytree(tiny_cache, tmp_path / "cache")
+    corpus = tiny_cache.parent / "corpus"
+    root = active_root(cache)
+    clean = tree(cache)
+    tokens = next((root / "tokens").iterdir())
+    orphans = [root / "data" / ".shard_00001.parquet.4242.tmp", tokens / ".val_rows_T2048_N10240.npy.4242.tmp",
+               root / "tokenizer" / ".tokenizer.json.4242.tmp"]   # what a kill mid-write leaves
+    for orphan in orphans:
+        orphan.write_bytes(b"half a file")
+    result = run_prepare(cache, "--source", str(corpus))
+    assert result.returncode == 0, result.stderr
+    assert tree(cache) == clean
+
+
+def test_more_source_files_than_shard_names_is_refused(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_shard(corpus / "doc.parquet", make_documents(3, seed=1))
+    for i in range(6543):   # 6,542 training shard names + the validation shard: one file too many
+        os.link(corpus / "doc.parquet", corpus / f"part-{i:05d}.parquet")
+    result = run_prepare(tmp_path / "cache", "--source", str(corpus))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "6543 training files, more than the 6542 shard names" in lines[0]
+    assert not list((tmp_path / "cache").rglob("*.parquet"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 kB tmpfs: a disk that fills up for real (mounting needs root; skipped without it)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_space(small_disk, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", n_train_shards=3, docs_per_shard=400)   # ~185 kB a shard
+    result = run_prepare(small_disk / "cache", "--source", str(corpus))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no space left on the device for " in lines[0]
+    assert re.search(r"/shard_\d{5}\.parquet \(0\.\d MB needed, 0\.\d MB free\): free some space", lines[0])
+    assert not list((small_disk / "cache").rglob("*.tmp"))
+
+
+def test_failing_to_cache_the_validation_rows_never_stops_a_run(tiny_cache, tmp_path):
+    cache = shutil.copytree(tiny_cache, tmp_path / "cache")
+    tokens = next((active_root(cache) / "tokens").iterdir())
+    shutil.rmtree(tokens)
+    tokens.write_text("a file where the token cache's directory should be")   # no cache file can be written there
+    code = TRAIN_START + "print('rows', prepare.validation_rows(tok, 64, 7).shape)\n"
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "rows (7, 65)" in result.stdout and "note: the validation rows are not cached" in result.stdout
