@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.request
@@ -76,8 +75,10 @@ def job_client():
 
 
 def our_jobs(client):
-    """Our runs (submission ids starting with PREFIX), oldest first."""
-    jobs = [j for j in client.list_jobs() if (j.submission_id or "").startswith(PREFIX)]
+    """This branch's runs, oldest first: a cluster kept from an earlier night also holds that night's runs."""
+    branch = current_branch()
+    jobs = [j for j in client.list_jobs() if (j.submission_id or "").startswith(PREFIX)
+            and (j.metadata or {}).get("branch") == branch]
     return sorted(jobs, key=lambda j: (j.start_time or 0, j.submission_id))
 
 
@@ -108,6 +109,10 @@ def resolve(commit):
     return proc.stdout.strip()
 
 
+def current_branch():
+    return git("rev-parse", "--abbrev-ref", "HEAD")
+
+
 def parent_of(sha):
     proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{sha}^"], capture_output=True, text=True)
     return proc.stdout.strip()   # empty for a root commit
@@ -116,13 +121,10 @@ def parent_of(sha):
 def snapshot(sha, run, directory):
     """The commit's files (never the live working tree) plus a file naming the run, so that two runs of one
     commit never share a working directory (Ray reuses one directory for identical contents)."""
-    archive = Path(directory) / "snapshot.tar"
-    git("archive", "--format=tar", "-o", str(archive), sha)
     files = Path(directory) / "files"
     files.mkdir()
-    with tarfile.open(archive) as tar:
-        tar.extractall(files, filter="data")
-    archive.unlink()
+    archive = subprocess.run(["git", "archive", "--format=tar", sha], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(files)], input=archive, check=True)
     (files / ".autoresearch-run").write_text(f"{run}\n")
     return files
 
@@ -141,11 +143,13 @@ def cmd_submit(args):
     for name in ("AUTORESEARCH_CACHE", "AUTORESEARCH_DATASET"):
         if os.environ.get(name) and name not in env:
             env[name] = os.environ[name]
-    existing = {j.submission_id: j for j in our_jobs(client)}
+    branch = current_branch()
+    night = re.sub(r"[^A-Za-z0-9_.]+", "_", branch.split("/")[-1])   # the run tag: two nights never share an id
+    existing = {j.submission_id: j for j in client.list_jobs() if (j.submission_id or "").startswith(PREFIX)}
     for commit, seed in [(c, s) for c in args.commits for s in args.seed]:
         sha = resolve(commit)
         parent = resolve(args.parent) if args.parent else parent_of(sha)
-        run = f"{PREFIX}{sha[:12]}-s{seed}-w{args.wave}"
+        run = f"{PREFIX}{night}-{sha[:12]}-s{seed}-w{args.wave}"
         if run in existing and not never_ran(existing[run]):
             print(f"{run}: already submitted ({existing[run].status}), nothing to do")
             continue
@@ -161,7 +165,7 @@ def cmd_submit(args):
                 entrypoint_num_gpus=1,   # without it Ray sets no CUDA_VISIBLE_DEVICES and every run lands on GPU 0
                 runtime_env={"working_dir": str(files),
                              "env_vars": {"SEED": str(seed), "OMP_NUM_THREADS": str(args.threads), **env}},
-                metadata={"commit": sha, "parent": parent, "wave": str(args.wave), "seed": str(seed),
+                metadata={"branch": branch, "commit": sha, "parent": parent, "wave": str(args.wave), "seed": str(seed),
                           "description": description, "control": "1" if args.control else ""})
         print(f"{run}: submitted {sha[:7]} {description!r} (wave {args.wave}, seed {seed})")
 
@@ -258,7 +262,8 @@ def cmd_collect(args):
     jobs = [j for j in our_jobs(client) if is_finished(j) and j.submission_id not in done]
     for job in sorted(jobs, key=lambda j: (int((j.metadata or {}).get("wave", 0)), j.start_time or 0)):
         if never_ran(job):
-            print(f"{job.submission_id}: never ran ({(job.message or '').splitlines()[0][:100]}); submit it again")
+            print(f"{job.submission_id}: ended with no exit code, it never started or its node died "
+                  f"({(job.message or '').splitlines()[0][:80]}); submit it again")
             continue
         meta = job.metadata or {}
         code, summary, gpu = parse_log(client.get_job_logs(job.submission_id))

@@ -208,7 +208,7 @@ def watch(address, runs):
 
 
 def run_id(sha, seed, wave):
-    return f"ar-{sha[:12]}-s{seed}-w{wave}"
+    return f"ar-test-{sha[:12]}-s{seed}-w{wave}"   # the night's tag, from the branch autoresearch/test
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +284,10 @@ def night(toy, cluster):
             agent.P("keep", run)
     out.update(crash=crash, hang=hang, base=base, report=agent.P("report").stdout,
                list=agent.P("list").stdout, agent=agent)
+    # The next night, on the same cluster, starts with none of this night's runs.
+    agent.git("checkout", "-qb", "autoresearch/next")
+    out["next_night"] = (agent.P("list").stdout, agent.P("collect", "--results", "next.tsv").stdout)
+    agent.git("checkout", "-q", "autoresearch/test")
     return out
 
 
@@ -379,3 +383,9 @@ def test_report_shows_waves_by_gpu_type(night):
     assert waves == {"0": ["3", "0", "1"], "1": ["3", "0", "1"], "2": ["4", "2", "0"], "all": ["10", "2", "2"]}
     assert re.search(r"^cpu: 8 runs, best \d\.\d{6} ", report, re.M)
     assert "10 collected" in night["list"]
+
+
+@pytest.mark.ray
+def test_the_next_night_starts_clean(night):
+    listed, collected = night["next_night"]
+    assert listed.strip() == "no runs on this cluster" and collected.strip() == "0 new rows in next.tsv"
