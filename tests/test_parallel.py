@@ -282,6 +282,17 @@ def night(toy, cluster):
     for _, run, fresh in winners:
         if fresh:
             agent.P("keep", run)
+    # Stop one: the hanging commit again, stopped while it runs, is collected as a crash.
+    stopped = run_id(hang, 42, 3)
+    agent.P("submit", hang, "--wave", "3", "--threads", "1")
+    deadline = time.time() + UPPER_BOUND
+    while str(client.get_job_status(stopped)) != "RUNNING":
+        assert time.time() < deadline, f"{stopped} never started"
+        time.sleep(0.5)
+    out["stop"] = agent.P("stop", stopped).stdout
+    agent.P("wait", "--timeout", str(UPPER_BOUND))
+    out["stopped_status"] = str(client.get_job_status(stopped))
+    agent.P("collect")
     out.update(crash=crash, hang=hang, base=base, report=agent.P("report").stdout,
                list=agent.P("list").stdout, agent=agent)
     # The next night, on the same cluster, starts with none of this night's runs.
@@ -351,6 +362,14 @@ def test_crash_and_hang_become_crash_rows(night):
 
 
 @pytest.mark.ray
+def test_a_stopped_run_becomes_a_crash_row(night):
+    run = run_id(night["hang"], 42, 3)
+    assert night["stop"].startswith(f"{run}: stopped") and night["stopped_status"] == "STOPPED"
+    row = next(r for r in night["agent"].rows() if r["run"] == run)
+    assert (row["status"], row["val_bpb"], row["description"]) == ("crash", "0.000000", f"{HANG[0]} (stopped)")
+
+
+@pytest.mark.ray
 def test_waves_follow_the_ratchet(night):
     agent, margin = night["agent"], night["margin"]
     rows = agent.rows()
@@ -379,10 +398,11 @@ def test_report_shows_waves_by_gpu_type(night):
     report = night["report"]
     lines = report.splitlines()
     assert lines[0].split() == ["wave", "runs", "crash", "keep", "hours", "GPUs", "busy", "runs/hour"]
-    waves = {line.split()[0]: line.split()[1:4] for line in lines[1:5]}
-    assert waves == {"0": ["3", "0", "1"], "1": ["3", "0", "1"], "2": ["4", "2", "0"], "all": ["10", "2", "2"]}
+    waves = {line.split()[0]: line.split()[1:4] for line in lines[1:6]}
+    assert waves == {"0": ["3", "0", "1"], "1": ["3", "0", "1"], "2": ["4", "2", "0"], "3": ["1", "1", "0"],
+                     "all": ["11", "3", "2"]}
     assert re.search(r"^cpu: 8 runs, best \d\.\d{6} ", report, re.M)
-    assert "10 collected" in night["list"]
+    assert "11 collected" in night["list"]
 
 
 @pytest.mark.ray
