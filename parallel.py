@@ -32,6 +32,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_TEMP_DIR = "/tmp/ray-autoresearch"   # short: Ray's unix socket paths must stay under ~107 characters
 TIME_LIMIT = 600                              # seconds: program.md's `timeout 600`, a run over it is a crash
 START_TIMEOUT = 7 * 24 * 3600                 # RAY_JOB_START_TIMEOUT_SECONDS: a queued run waits, never fails
+AGENT_WAIT = 120                              # seconds a submit waits for a just-started node's job agent
 PREFIX = "ar-"                                # submission ids of our runs start with this
 HEADER = ["commit", "val_bpb", "memory_gb", "status", "description", "gpu", "parent", "wave", "run", "started",
           "ended"]
@@ -159,7 +160,8 @@ def cmd_submit(args):
         git("update-ref", f"refs/parallel/{run}", sha)   # the commit stays reachable after the agent's resets
         with tempfile.TemporaryDirectory(prefix="autoresearch-run-") as tmp:
             files = snapshot(sha, run, tmp)
-            client.submit_job(
+            submit_when_ready(
+                client,
                 entrypoint=ENTRYPOINT.format(run=run, limit=args.time_limit),
                 submission_id=run,
                 entrypoint_num_gpus=1,   # without it Ray sets no CUDA_VISIBLE_DEVICES and every run lands on GPU 0
@@ -168,6 +170,21 @@ def cmd_submit(args):
                 metadata={"branch": branch, "commit": sha, "parent": parent, "wave": str(args.wave), "seed": str(seed),
                           "description": description, "control": "1" if args.control else ""})
         print(f"{run}: submitted {sha[:7]} {description!r} (wave {args.wave}, seed {seed})")
+
+
+def submit_when_ready(client, **job):
+    """
+    client.submit_job, waiting for the node's job agent: a head that has just started answers on its dashboard
+    before its agent is up, and then refuses every job with "No available agent" (seen under load on 2 cores).
+    """
+    deadline = time.time() + AGENT_WAIT   # an upper bound for a slow start, never a decision
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
 
 
 def cmd_list(args):
