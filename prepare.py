@@ -788,13 +788,18 @@ def _check_metric_files(tokenizer, tokenizer_dir, sha):
     token_bytes = tokenizer_dir / "token_bytes.npy"
     if token_bytes.exists() and read_record(token_bytes, {"tokenizer": sha}) is None:
         raise HarnessError(_mismatch(token_bytes))
-    val = tokenizer_dir.parent / "data" / VAL_FILENAME
-    if val.exists():
-        T, n_rows = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
-        rows = tokenizer_dir.parent / "tokens" / tokenizer.id / f"val_rows_T{T}_N{n_rows}.npy"
-        made_from = {"shard": _shard_sha256(val), "tokenizer": tokenizer.id, "T": T, "rows": n_rows}
+    if (tokenizer_dir.parent / "data" / VAL_FILENAME).exists():
+        n_rows = EVAL_TOKENS // MAX_SEQ_LEN
+        rows, made_from = _validation_rows_file(tokenizer_dir.parent, tokenizer, MAX_SEQ_LEN, n_rows)
         if rows.exists() and read_record(rows, made_from) is None:
             raise HarnessError(_mismatch(rows))
+
+
+def _validation_rows_file(root, tokenizer, T, n_rows):
+    """Where a dataset root caches its packed validation rows, and what they are made from (by content)."""
+    shard = _shard_sha256(root / "data" / VAL_FILENAME)
+    made_from = {"shard": shard, "tokenizer": tokenizer.id, "T": T, "rows": n_rows}
+    return root / "tokens" / tokenizer.id / f"val_rows_T{T}_N{n_rows}.npy", made_from
 
 # ---------------------------------------------------------------------------
 # Token cache: every shard tokenized once, at prepare time
@@ -982,11 +987,10 @@ def validation_rows(tokenizer, T, n_rows):
     The first n_rows packed validation rows, (n_rows, T + 1): packed once, then read from the cache when the file
     matches its record. Caching them is only an optimisation: a failure to write is a note, never an error.
     """
-    out, path = _tokens_dir(tokenizer), None
-    if out is not None:
-        val = list_shards("val")[0]
-        path = out / f"val_rows_T{T}_N{n_rows}.npy"
-        made_from = {"shard": _shard_sha256(val), "tokenizer": tokenizer.id, "T": T, "rows": n_rows}
+    path = None
+    if tokenizer.id:
+        list_shards("val")   # no validation shard: one line saying what to run
+        path, made_from = _validation_rows_file(Path(DATA_DIR).parent, tokenizer, T, n_rows)
         if read_record(path, made_from):
             return np.load(path, allow_pickle=False)
     packer = _BestFitPacker(tokenizer, "val")
