@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import build
 from conftest import ROOT, make_corpus, make_documents, run_prepare, source_root
 from hf_server import serve
 
@@ -159,7 +160,7 @@ def test_conflicting_arguments_are_refused(monkeypatch, capsys, tmp_path, args, 
     for name in ("CACHE_DIR", "DATA_DIR", "TOKENIZER_DIR"):   # restored after the test, whatever main() sets
         monkeypatch.setattr(prepare, name, tmp_path)
     with pytest.raises(SystemExit) as exit:
-        prepare.main(args)
+        build.main(args)
     assert exit.value.code != 0 and message in capsys.readouterr().err + str(exit.value.code)
     assert list(tmp_path.iterdir()) == []
 
@@ -244,4 +245,4 @@ def test_a_missing_column_known_from_the_schema_fails_before_any_row_is_read(tmp
             raise AssertionError("a row was read")
 
     with pytest.raises(prepare.HarnessError, match=r"no column 'text' \(columns: story, n\)"):
-        next(prepare._texts(Unread(), str(directory), "text"))
+        next(build._texts(Unread(), str(directory), "text"))

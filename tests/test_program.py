@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TAG = "test"
 STEP_BUDGET = 10         # timed steps per run: outcomes fixed by code and seed (M ~ 0.014, IMPROVE gains ~0.17)
 HANG_LIMIT = 5           # program.md's `timeout 600` for the hanging run only; every other run keeps 600,
-FROZEN = ["prepare.py", "pyproject.toml", "uv.lock"]    # an upper bound that decides nothing
+FROZEN = ["prepare.py", "build.py", "pyproject.toml", "uv.lock"]    # an upper bound that decides nothing
 
 # The user's one-time edits before a night on a tiny machine: harness constants and model size.
 HARNESS_EDITS = {"MAX_SEQ_LEN": "64", "EVAL_TOKENS": "64 * 16"}
@@ -234,8 +234,8 @@ def make_repo(directory, cache, **train_edits):
     """A copy of the project in a new git repo, with the user's toy-size edits committed on main."""
     repo = directory / "repo"
     repo.mkdir()
-    for name in ["prepare.py", "train.py", "program.md", "analysis.py", "pyproject.toml", "uv.lock", ".gitignore",
-                 "README.md"]:
+    for name in ["prepare.py", "build.py", "train.py", "program.md", "analysis.py", "pyproject.toml", "uv.lock",
+                 ".gitignore", "README.md"]:
         shutil.copy(ROOT / name, repo / name)
     env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "CUDA_VISIBLE_DEVICES": "",
            "AUTORESEARCH_STEP_BUDGET": str(STEP_BUDGET), "OMP_NUM_THREADS": "1",

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import build
 import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,9 +44,9 @@ def tr():
 
 
 def toy_copy(directory, **edits):
-    """train.py at the smoke run's toy size (prepare.smoke_script), with a few more hyperparameter lines edited."""
+    """train.py at the smoke run's toy size (build.smoke_script), with a few more hyperparameter lines edited."""
     path = Path(directory) / "train.py"
-    path.write_text(prepare.smoke_script(TRAIN.read_text(), **edits))
+    path.write_text(build.smoke_script(TRAIN.read_text(), **edits))
     return path
 
 
@@ -311,7 +312,7 @@ class FakeKernel:
 
     def flash_attn_func(self, q, k, v, causal, window_size):
         window = q.size(1) if self.broken == "window" else window_size[0]   # ignores the sliding window
-        y = prepare._fallback_attention(q, k, v, window)
+        y = build.fallback_attention(q, k, v, window)
         if self.broken == "backward":   # right forward, no gradient for q and k
             y = y.detach() + (v - v.detach()).mean() * 0
         return y, None   # FA3 returns (out, softmax_lse)
@@ -319,7 +320,7 @@ class FakeKernel:
 
 @pytest.mark.parametrize("broken, message", [(None, None), ("backward", "dq at window"), ("window", "output at window 16")])
 def test_fa3_check_runs_forward_and_backward_at_the_real_head_dim_and_windows(broken, message):
-    check = lambda: prepare._check_flash_attention_3(FakeKernel(broken), 64, [16, 32, 32], 32, device="cpu")
+    check = lambda: build.check_flash_attention_3(FakeKernel(broken), 64, [16, 32, 32], 32, device="cpu")
     if message is None:
         check()
     else:
@@ -333,8 +334,8 @@ def closed_port():
         return s.getsockname()[1]   # nothing listens there once the socket is closed
 
 
-FETCH = ("import prepare, sys; prepare.FA3_REVISIONS[prepare.FA3_REPO_HOPPER] = sys.argv[1]; "
-         "kernel, why = prepare._fetch_flash_attention_3(prepare.FA3_REPO_HOPPER); print(kernel, why, sep='|')")
+FETCH = ("import build, prepare, sys; prepare.FA3_REVISIONS[prepare.FA3_REPO_HOPPER] = sys.argv[1]; "
+         "kernel, why = build.fetch_flash_attention_3(prepare.FA3_REPO_HOPPER); print(kernel, why, sep='|')")
 
 
 @pytest.mark.parametrize("pin", ["", "0123456789abcdef0123456789abcdef01234567"])
@@ -368,8 +369,8 @@ def test_hub_client_transport_errors_count_as_offline():
     except RuntimeError as e:
         wrapped = e
     assert not isinstance(refused, OSError)  # why the old `isinstance(e, OSError)` never said "offline"
-    assert prepare._is_offline(refused) and prepare._is_offline(wrapped)
-    assert not prepare._is_offline(ValueError("Version 1 not found, available versions: 2"))
+    assert build._is_offline(refused) and build._is_offline(wrapped)
+    assert not build._is_offline(ValueError("Version 1 not found, available versions: 2"))
 
 
 def test_fa3_pins_are_commits_not_branches():
@@ -469,7 +470,7 @@ def test_other_errors_are_not_taken_for_out_of_memory(harness):
 
 
 def test_out_of_memory_halves_the_device_batch(tmp_path, tiny_cache):
-    path = toy_copy(tmp_path, DEVICE_BATCH_SIZE="8", TOTAL_BATCH_SIZE=f"8 * {prepare.SMOKE_SEQ_LEN} * 2")
+    path = toy_copy(tmp_path, DEVICE_BATCH_SIZE="8", TOTAL_BATCH_SIZE=f"8 * {build.SMOKE_SEQ_LEN} * 2")
     src = path.read_text()
     forward = '    def forward(self, idx, targets=None, reduction="mean"):\n'
     assert src.count(forward) == 1
@@ -481,7 +482,7 @@ def test_out_of_memory_halves_the_device_batch(tmp_path, tiny_cache):
     assert code == 0, text[-3000:]
     assert "DEVICE_BATCH_SIZE = 8 runs out of GPU memory: using 4" in text
     assert "DEVICE_BATCH_SIZE = 4 runs out of GPU memory: using 2" in text
-    assert f"8 micro-steps of 2 x {prepare.SMOKE_SEQ_LEN} tokens per step" in text   # TOTAL_BATCH_SIZE unchanged
+    assert f"8 micro-steps of 2 x {build.SMOKE_SEQ_LEN} tokens per step" in text   # TOTAL_BATCH_SIZE unchanged
     assert re.search(r"^val_bpb:\s+\d+\.\d{6}$", text, re.M)
 
 # ---------------------------------------------------------------------------
@@ -633,7 +634,7 @@ def read_summary(lines):
 
 def test_smoke_run_trains_the_current_train_py_through_the_harness(tmp_path, tiny_cache, harness, monkeypatch):
     """`prepare.py --smoke > run.log` beside an edited train.py: that train.py, at toy size, to its summary block."""
-    for name in ("prepare.py", "train.py"):
+    for name in ("prepare.py", "build.py", "train.py"):
         shutil.copy(ROOT / name, tmp_path / name)
     edited = (tmp_path / "train.py").read_text().replace("\nt_start = time.time()\n",
                                                          '\nprint("an edit of the agent")\nt_start = time.time()\n')
@@ -652,19 +653,19 @@ def test_smoke_run_trains_the_current_train_py_through_the_harness(tmp_path, tin
     assert "an edit of the agent" in lines and lines[2].startswith("device: cpu") and lines[3].startswith("attention: ")
     assert any(line.startswith("step 00000 ") for line in lines)
     summary = read_summary(lines)
-    assert summary["depth"] == str(prepare.SMOKE_SIZE["DEPTH"]) and summary["attention"] == "sdpa-cpu"
+    assert summary["depth"] == str(build.SMOKE_SIZE["DEPTH"]) and summary["attention"] == "sdpa-cpu"
     assert summary["mfu_percent"] == "unknown" and summary["peak_vram_mb"] == "0.0"
     assert summary["dataset"] == "local:" + str(tiny_cache.parent / "corpus")  # the tiny cache came from --source
     steps = int(summary["num_steps"])
-    assert steps == prepare.UNTIMED_STEPS + prepare.SMOKE_STEPS  # the untimed warm-up steps, then the step budget
-    assert f"budget: {prepare.SMOKE_STEPS} timed steps" in text
-    assert float(summary["total_tokens_M"]) == pytest.approx(round(steps * prepare.SMOKE_SIZE["TOTAL_BATCH_SIZE"] / 1e6, 1))
+    assert steps == prepare.UNTIMED_STEPS + build.SMOKE_STEPS  # the untimed warm-up steps, then the step budget
+    assert f"budget: {build.SMOKE_STEPS} timed steps" in text
+    assert float(summary["total_tokens_M"]) == pytest.approx(round(steps * build.SMOKE_SIZE["TOTAL_BATCH_SIZE"] / 1e6, 1))
 
     # program.md's grep finds it, and the model beats the uniform distribution's bits per byte on the same rows
     grep = subprocess.run(["grep", "^val_bpb:", str(tmp_path / "run.log")], capture_output=True, text=True)
     val_bpb = float(grep.stdout.split()[1])
-    monkeypatch.setattr(harness, "MAX_SEQ_LEN", prepare.SMOKE_SEQ_LEN)
-    monkeypatch.setattr(harness, "EVAL_TOKENS", prepare.SMOKE_EVAL_TOKENS)
+    monkeypatch.setattr(harness, "MAX_SEQ_LEN", build.SMOKE_SEQ_LEN)
+    monkeypatch.setattr(harness, "EVAL_TOKENS", build.SMOKE_EVAL_TOKENS)
     tokenizer = harness.Tokenizer.from_directory()
 
     class Uniform(torch.nn.Module):

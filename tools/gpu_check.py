@@ -18,7 +18,6 @@ import argparse
 import collections
 import datetime
 import os
-import re
 import runpy
 import shutil
 import subprocess
@@ -121,15 +120,16 @@ def run_counted(train_path):
 def attention_throughput(head_dim=128, n_head=4, T=2048, B=16, windows=(1024, 2048), iters=20):
     """Forward + backward tokens/s of FA3 and of the fallback, each through torch.compile as in the model."""
     import torch
+    import build
     import prepare
     repo = prepare.FA3_REPO_HOPPER if torch.cuda.get_device_capability() == (9, 0) else prepare.FA3_REPO_OTHER
-    kernel, why = prepare._fetch_flash_attention_3(repo)
+    kernel, why = build.fetch_flash_attention_3(repo)
     paths = [("FA3", prepare.Attention(kernel, "fa3", "") if kernel is not None else why),
              ("fallback (flex_attention + SDPA)", prepare.Attention(None, "flex+sdpa", ""))]
     rows = []
     for window in windows:
         if window < T - 1:
-            prepare._sliding_window_mask(window, T, torch.device("cuda"))
+            build.sliding_window_mask(window, T, torch.device("cuda"))
         q, k, v = (torch.randn(B, T, n_head, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         for name, attention in paths:
