@@ -157,7 +157,8 @@ class GPT(nn.Module):
             nn.init.uniform_(ve.weight, -s, s)
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
-        self.cos, self.sin = rotary_cos_sin(self.rotary_seq_len, self.config.n_embd // self.config.n_head, self.cos.device)
+        head_dim = self.config.n_embd // self.config.n_head
+        self.cos, self.sin = rotary_cos_sin(self.rotary_seq_len, head_dim, self.cos.device)
         if self.transformer.wte.weight.is_cuda:  # the embedding tables are stored in bf16 on the GPU
             self.transformer.wte.to(dtype=torch.bfloat16)
             self.value_embeds.to(dtype=torch.bfloat16)
@@ -245,7 +246,7 @@ def polar_express(G):
 
 
 def muon_step(grads, params, momentum_buffer, second_momentum_buffer, momentum, lr, wd, beta2):
-    """One Muon update of a stack of same-shape matrices (N, rows, cols), in place; hyperparameters are 0-dim tensors."""
+    """One Muon update of a stack of same-shape matrices (N, rows, cols) in place; hyperparameters: 0-dim tensors."""
     # Nesterov momentum
     momentum_buffer.lerp_(grads, 1 - momentum)
     g = grads.lerp(momentum_buffer, momentum)
@@ -256,14 +257,15 @@ def muon_step(grads, params, momentum_buffer, second_momentum_buffer, momentum, 
     v = g.square().mean(dim=red_dim, keepdim=True)
     second_momentum_buffer.lerp_(v, 1 - beta2)
     scale = second_momentum_buffer.clamp_min(1e-10).rsqrt()
-    norm_ratio = v.sum(dim=(-2, -1), keepdim=True) / (v * scale.square()).sum(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
+    scaled = (v * scale.square()).sum(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
+    norm_ratio = v.sum(dim=(-2, -1), keepdim=True) / scaled
     g = g * (scale * norm_ratio.sqrt())
     # Cautious weight decay: decay only the weights whose update agrees in sign with them
     params.sub_(lr * g + lr * wd * params * (g * params >= 0))
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Param groups carry kind="adamw" (lr, betas, eps, weight_decay) or kind="muon" (lr, momentum, beta2, weight_decay)."""
+    """Param groups carry kind="adamw" (lr, betas, eps, weight_decay) or "muon" (lr, momentum, beta2, weight_decay)."""
 
     def __init__(self, param_groups):
         super().__init__(param_groups, defaults={})
