@@ -1,5 +1,5 @@
 """
-The build side of the harness: what `uv run prepare.py` does, and what prepare.py calls for it at run time.
+The rest of the frozen harness: what `uv run prepare.py` does, and what prepare.py calls at run time.
 
     uv run prepare.py                      # default dataset: 10 training shards + validation
     uv run prepare.py --num-shards 50      # more training data (-1 = all 6,542 shards)
@@ -7,10 +7,11 @@ The build side of the harness: what `uv run prepare.py` does, and what prepare.p
     uv run prepare.py --dataset NAME       # any Hugging Face text dataset (or a local directory of files)
     uv run prepare.py --smoke              # the current train.py at toy size, to its summary block
 
-It downloads or converts the data, trains the BPE tokenizer, writes the token cache and the records that
-prepare.py checks every file against, takes the cache lock, fetches and checks Flash Attention 3, and runs
-the smoke run. prepare.py (the runtime harness that train.py imports) is what the agent reads; this file is
-frozen with it, and the agent never needs to read it.
+It downloads or converts the data, trains the BPE tokenizer and fills the token cache, writing a record beside
+every cache file; at run time it checks the files against their records, holds the cache lock, reads the token
+cache, and provides the attention kernels (Flash Attention 3 fetched and checked, or the PyTorch fallback).
+prepare.py, which train.py imports, is what the agent reads; this file is frozen with it and never needs to be
+read to run a night. It imports prepare.py; prepare.py imports it only inside functions.
 """
 
 import argparse
@@ -36,8 +37,7 @@ import pyarrow.parquet as pq
 
 import prepare
 from prepare import (DATASET_REPO, MAX_SHARD, SPECIAL_TOKENS, VAL_FILENAME, HarnessError, Tokenizer,
-                     _encoding_from_meta, _load_shard_tokens, _tokens_dir, dataset_name, dataset_root, list_shards,
-                     read_source, tokenize_shard)
+                     _encoding_from_meta, dataset_name, dataset_root, list_shards, read_source, tokenize_shard)
 
 # CACHE_DIR, DATA_DIR, TOKENIZER_DIR, DATASET and the metric constants are read as prepare.NAME where they are
 # used: the command line points them at the dataset it builds, and the tests shrink them.
@@ -691,8 +691,41 @@ def train_tokenizer(data_dir=None, tokenizer_dir=None):
 
 
 # ---------------------------------------------------------------------------
-# Token cache: every shard tokenized once, at prepare time
+# Token cache: the validation shard and the first training shards tokenized once, at prepare time
 # ---------------------------------------------------------------------------
+
+
+def tokens_dir(tokenizer):
+    """Token files sit next to the data they come from, one directory per tokenizer."""
+    return Path(prepare.DATA_DIR).parent / "tokens" / tokenizer.id if tokenizer.id else None
+
+
+def cached_tokens(path, tokenizer, full=False):
+    """
+    A shard's cached (tokens, offsets, batches) for the loader, or None if the cache does not hold this exact file
+    for this tokenizer: checked against the records by content when `full` (the validation shard), else by size;
+    never an id beyond the vocabulary.
+    """
+    out = tokens_dir(tokenizer)
+    shard = out and read_record(path, full=full)
+    made_from = shard and {"shard": shard["sha256"], "tokenizer": tokenizer.id}
+    stem = out / path.name.removesuffix(".parquet") if out else None
+    record = made_from and read_record(f"{stem}.tokens.npy", made_from, full)
+    if not (record and read_record(f"{stem}.index.npz", made_from, full)):
+        return None
+    try:
+        with np.load(f"{stem}.index.npz", allow_pickle=False) as index:
+            offsets, batches = index["offsets"], index["batches"]
+        tokens = np.load(f"{stem}.tokens.npy", mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, KeyError):
+        return None
+    if len(tokens) != offsets[-1]:
+        return None
+    if len(tokens) and max(record["max_id"], int(tokens.max())) >= tokenizer.get_vocab_size():
+        print(f"prepare.py: {stem}.tokens.npy holds ids beyond the vocabulary (overwritten or damaged): "
+              f"tokenizing {path.name} instead; run `uv run prepare.py` to repair the cache", file=sys.stderr)
+        return None
+    return tokens, offsets, batches
 
 
 def cache_tokens(tokenizer, max_train_shards=TOKEN_CACHE_SHARDS):
@@ -700,14 +733,14 @@ def cache_tokens(tokenizer, max_train_shards=TOKEN_CACHE_SHARDS):
     Tokenize the validation shard and the first training shards into the cache, each checked by content against
     its record first. Returns how many were written.
     """
-    out = _tokens_dir(tokenizer)
+    out = tokens_dir(tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.iterdir():   # token files of an older tokenizer
         if stale != out:
             shutil.rmtree(stale, ignore_errors=True)
     written = 0
     for path in list_shards("val") + list_shards("train")[:max_train_shards]:
-        if _load_shard_tokens(path, tokenizer, full=True) is not None:
+        if cached_tokens(path, tokenizer, full=True) is not None:
             continue
         tokens, offsets, batches = tokenize_shard(path, tokenizer)
         max_id = int(tokens.max()) if len(tokens) else 0
@@ -842,6 +875,39 @@ def check_flash_attention_3(kernel, head_dim, windows, seq_len, device="cuda"):
             if not error <= 0.03 * max(scale, 1.0):   # bf16 rounding, with room; a wrong mask is off by O(1)
                 raise RuntimeError(f"{name} at window {window} differs from masked attention by {error:.3g}")
 
+def choose_attention(device, head_dim, windows, seq_len):
+    """prepare.load_attention's choice, as Attention's (kernel, path, description); kernel None: the fallback."""
+    import torch
+    if torch.device(device).type != "cuda":
+        return None, "sdpa-cpu", ("PyTorch SDPA with an explicit sliding-window mask (CPU; FA3 and flex_attention "
+                                  "need a GPU)")
+    repo = prepare.FA3_REPO_HOPPER if torch.cuda.get_device_capability() == (9, 0) else prepare.FA3_REPO_OTHER
+    kernel, commit = fetch_flash_attention_3(repo)
+    why = commit
+    if kernel is not None:
+        try:
+            check_flash_attention_3(kernel, head_dim, windows, seq_len)
+            pinned = "pinned" if prepare.FA3_REVISIONS.get(repo) else \
+                f"NOT pinned: v{prepare.FA3_VERSION} resolved now, see docs/gpu.md"
+            return kernel, f"fa3:{repo}@{commit[:12]}", f"Flash Attention 3, {repo}@{commit} ({pinned})"
+        except Exception as e:
+            why = f"{repo}@{commit} fails its check at head_dim {head_dim}: {first_line(e)[:200]}"
+    for window in set(windows):   # built here, once, not inside the compiled graph
+        if 0 <= window < seq_len - 1:
+            sliding_window_mask(window, seq_len, torch.device(device))
+    return None, "flex+sdpa", (f"PyTorch fallback, flex_attention (sliding windows) + causal SDPA, slower than FA3; "
+                               f"Flash Attention 3 unavailable: {why}")
+
+
+# Out-of-memory failures that are not torch.OutOfMemoryError: cuBLAS and cuDNN report theirs as RuntimeError
+_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS")
+
+
+def is_out_of_memory(e):
+    import torch
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in _OOM_MESSAGES))
+
 # ---------------------------------------------------------------------------
 # Smoke run: the current train.py at toy size through this harness, on the GPU if there is one, else the CPU
 # ---------------------------------------------------------------------------
@@ -947,7 +1013,7 @@ def main(argv=None):
     tokenizer = Tokenizer.from_directory(check_metric_files=False)
     written = cache_tokens(tokenizer)
     prepare.validation_rows(tokenizer, prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN)
-    print(f"tokens: {written} shards tokenized into {_tokens_dir(tokenizer)} in {time.time() - t1:.1f}s, "
+    print(f"tokens: {written} shards tokenized into {tokens_dir(tokenizer)} in {time.time() - t1:.1f}s, "
           f"validation rows packed")
     if name:   # the pointer that makes this dataset the active one for train.py
         _atomic_write(prepare.CACHE_DIR / "dataset.txt", lambda tmp: tmp.write_text(name + "\n"))

@@ -5,8 +5,8 @@ tokenizer, the dataloader, the training budget, the GPU, attention, and the fixe
     uv run prepare.py           # once: get the data, train the tokenizer, fill the token cache (docs/data.md)
     uv run prepare.py --smoke   # the current train.py at toy size, to its summary block
 
-What builds the cache (download, --source, --dataset, tokenizer training, the token cache and the records that
-every cache file is checked against here) and the command line are in build.py, frozen too.
+build.py, frozen too, holds what this file calls and the agent never needs to read: the command line, what
+builds the cache, the records every cache file is checked against, and the attention kernels.
 """
 
 import base64
@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import pyarrow.parquet as pq
 import tiktoken
 
 # ---------------------------------------------------------------------------
-# The metric: fixed (a user may change these once, before a night: docs/data.md)
+# Constants that define the metric (fixed, do not modify; a user may, once, before a night: docs/gpu.md)
 # ---------------------------------------------------------------------------
 
 MAX_SEQ_LEN = 2048              # context length, also the fixed eval sequence length
@@ -45,6 +44,7 @@ SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
 BOS_TOKEN = SPECIAL_TOKENS[0]                     # starts every document
 TOKENIZER_BATCH = 128                             # documents tokenized together by the dataloader
 LOADER_BUFFER = 1000                              # tokenized documents kept for best-fit packing
+TOKEN_DTYPE = np.uint16 if VOCAB_SIZE <= 1 << 16 else np.uint32   # of token files and validation rows
 
 # Smoke and test runs stop after this many timed steps instead of TIME_BUDGET seconds, and drive the schedules
 # by steps, so that their outcome never depends on the machine's speed. 0 (unset) in a real run.
@@ -141,11 +141,9 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None, check_metric_files=True):
-        """
-        The saved tokenizer, once build.py has checked the files the metric depends on against their records
+        """The saved tokenizer, once build.py has checked the files the metric depends on against their records
         (tokenizer, token byte lengths, validation shard and rows) and taken a shared lock on the cache, held until
-        the process exits, so that no prepare.py rewrites them under a run.
-        """
+        the process exits, so that no prepare.py rewrites them under a run."""
         from build import check_metric_files as check
         meta, sha = check(Path(tokenizer_dir or TOKENIZER_DIR), all_files=check_metric_files)
         return cls(_encoding_from_meta(meta), id=sha[:16])
@@ -177,25 +175,15 @@ def get_token_bytes(device="cpu", tokenizer_dir=None):
     return torch.from_numpy(checked_token_bytes(Path(tokenizer_dir or TOKENIZER_DIR))).to(device)
 
 # ---------------------------------------------------------------------------
-# Token cache: build.py tokenizes the validation shard and the first training shards once; the rest on the fly
+# Dataloader: BOS-aligned best-fit packing, of the shards' tokens from the token cache (build.py fills it with the
+# validation shard and the first training shards) or tokenized on the fly
 # ---------------------------------------------------------------------------
 
 
-def _token_dtype():
-    return np.uint16 if VOCAB_SIZE <= 1 << 16 else np.uint32
-
-
-def _tokens_dir(tokenizer):
-    """Token files sit next to the data they come from, one directory per tokenizer."""
-    return Path(DATA_DIR).parent / "tokens" / tokenizer.id if tokenizer.id else None
-
-
 def tokenize_shard(path, tokenizer):
-    """
-    All documents of a shard in reading order, BOS first in each: (tokens, offsets, batches). Document i is
+    """All documents of a shard in reading order, BOS first in each: (tokens, offsets, batches). Document i is
     tokens[offsets[i]:offsets[i + 1]]; the loader takes them in the reference's tokenizer batches (row group by
-    row group, TOKENIZER_BATCH at a time), whose bounds are `batches`.
-    """
+    row group, TOKENIZER_BATCH at a time), whose bounds are `batches`."""
     pf = pq.ParquetFile(path)
     bos = tokenizer.get_bos_token_id()
     docs, batches = [], [0]
@@ -206,51 +194,19 @@ def tokenize_shard(path, tokenizer):
         batches += [start + min(i + TOKENIZER_BATCH, len(texts)) for i in range(0, len(texts), TOKENIZER_BATCH)]
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum([len(d) for d in docs], out=offsets[1:])
-    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=_token_dtype(), count=offsets[-1])
+    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=TOKEN_DTYPE, count=offsets[-1])
     return tokens, offsets, np.array(batches, dtype=np.int64)
-
-
-def _load_shard_tokens(path, tokenizer, full=False):
-    """
-    A shard's cached (tokens, offsets, batches), or None if it is not cached for this exact file and tokenizer:
-    checked against the records by content when `full` (the validation shard), else by size; never an id beyond
-    the vocabulary.
-    """
-    from build import read_record
-    out = _tokens_dir(tokenizer)
-    shard = out and read_record(path, full=full)
-    made_from = shard and {"shard": shard["sha256"], "tokenizer": tokenizer.id}
-    stem = out / path.name.removesuffix(".parquet") if out else None
-    record = made_from and read_record(f"{stem}.tokens.npy", made_from, full)
-    if not (record and read_record(f"{stem}.index.npz", made_from, full)):
-        return None
-    try:
-        with np.load(f"{stem}.index.npz", allow_pickle=False) as index:
-            offsets, batches = index["offsets"], index["batches"]
-        tokens = np.load(f"{stem}.tokens.npy", mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, KeyError):
-        return None
-    if len(tokens) != offsets[-1]:
-        return None
-    if len(tokens) and max(record["max_id"], int(tokens.max())) >= tokenizer.get_vocab_size():
-        print(f"prepare.py: {stem}.tokens.npy holds ids beyond the vocabulary (overwritten or damaged): "
-              f"tokenizing {path.name} instead; run `uv run prepare.py` to repair the cache", file=sys.stderr)
-        return None
-    return tokens, offsets, batches
-
-# ---------------------------------------------------------------------------
-# Dataloader: BOS-aligned best-fit packing
-# ---------------------------------------------------------------------------
 
 
 def _document_batches(tokenizer, split):
     """Tokenized documents of a split in a fixed order, one tokenizer batch at a time, forever: (docs, epoch)."""
+    from build import cached_tokens
     paths = list_shards(split)
     epoch = 1
     while True:
         for path in paths:
             try:
-                cached = _load_shard_tokens(path, tokenizer, full=split == "val")
+                cached = cached_tokens(path, tokenizer, full=split == "val")   # None: not in the token cache
                 tokens, offsets, batches = cached if cached is not None else tokenize_shard(path, tokenizer)
             except (OSError, ValueError) as e:   # pyarrow raises ArrowInvalid (a ValueError) on corrupt data
                 raise HarnessError(f"cannot read {path} ({e}): delete it and run `uv run prepare.py` again") from None
@@ -260,11 +216,9 @@ def _document_batches(tokenizer, split):
 
 
 class _BestFitPacker:
-    """
-    Fills rows left to right from a buffer of LOADER_BUFFER documents: the largest document that fits, else the
+    """Fills rows left to right from a buffer of LOADER_BUFFER documents: the largest document that fits, else the
     shortest one cropped to fill the row; among equal lengths the oldest first. Documents wait in per-length
-    queues, so a choice is a bisection over the distinct lengths, not a scan of the buffer.
-    """
+    queues, so a choice is a bisection over the distinct lengths, not a scan of the buffer."""
 
     def __init__(self, tokenizer, split):
         self.batches = _document_batches(tokenizer, split)
@@ -336,7 +290,7 @@ def validation_rows(tokenizer, T, n_rows):
         if read_record(path, made_from):
             return np.load(path, allow_pickle=False)
     packer = _BestFitPacker(tokenizer, "val")
-    rows = np.empty((n_rows, T + 1), dtype=_token_dtype())
+    rows = np.empty((n_rows, T + 1), dtype=TOKEN_DTYPE)
     for row in rows:
         packer.fill(row)
     if path is not None:
@@ -414,10 +368,8 @@ FA3_VERSION = 1   # the kernels-hub version branch (v1) an unpinned repository r
 
 
 class Attention:
-    """
-    What train.py calls: flash_attn_func(q, k, v, causal=True, window_size=(window, 0)) on (B, T, H, D), FA3's
-    signature, where query i attends to keys i - window ... i. `path` names the kernel for the summary block.
-    """
+    """What train.py calls: flash_attn_func(q, k, v, causal=True, window_size=(window, 0)) on (B, T, H, D), FA3's
+    signature, where query i attends to keys i - window ... i. `path` names the kernel for the summary block."""
 
     def __init__(self, kernel, path, description):
         from build import fallback_attention   # PyTorch: causal SDPA, flex_attention for sliding windows on a GPU
@@ -435,53 +387,23 @@ class Attention:
 
 
 def load_attention(device, head_dim, windows, seq_len):
-    """
-    The attention of this run, decided once: Flash Attention 3 when it loads (at its pinned commit) and passes a
-    forward and backward check at the model's head dim and windows (build.py), else the PyTorch fallback.
-    """
-    import torch
-    if torch.device(device).type != "cuda":
-        return Attention(None, "sdpa-cpu", "PyTorch SDPA with an explicit sliding-window mask (CPU; FA3 and "
-                                           "flex_attention need a GPU)")
-    from build import check_flash_attention_3, fetch_flash_attention_3, first_line, sliding_window_mask
-    repo = FA3_REPO_HOPPER if torch.cuda.get_device_capability() == (9, 0) else FA3_REPO_OTHER
-    kernel, commit = fetch_flash_attention_3(repo)
-    why = commit
-    if kernel is not None:
-        try:
-            check_flash_attention_3(kernel, head_dim, windows, seq_len)
-            pinned = "pinned" if FA3_REVISIONS.get(repo) else f"NOT pinned: v{FA3_VERSION} resolved at start-up"
-            return Attention(kernel, f"fa3:{repo}@{commit[:12]}", f"Flash Attention 3, {repo}@{commit} ({pinned})")
-        except Exception as e:
-            why = f"{repo}@{commit} fails its check at head_dim {head_dim}: {first_line(e)[:200]}"
-    for window in set(windows):   # built here, once, not inside the compiled graph
-        if 0 <= window < seq_len - 1:
-            sliding_window_mask(window, seq_len, torch.device(device))
-    return Attention(None, "flex+sdpa", f"PyTorch fallback, flex_attention (sliding windows) + causal SDPA, "
-                                        f"slower than FA3; Flash Attention 3 unavailable: {why}")
+    """The attention of this run, decided once: Flash Attention 3 from the kernels hub, at its pinned commit, when it
+    loads and passes a forward and backward check at the model's head dim and windows; else the slower PyTorch
+    fallback (causal SDPA, flex_attention for sliding windows; an explicit mask on the CPU). build.py does both."""
+    from build import choose_attention
+    return Attention(*choose_attention(device, head_dim, windows, seq_len))
 
 # ---------------------------------------------------------------------------
 # Fitting the GPU: the device batch that fits in memory
 # ---------------------------------------------------------------------------
 
-# Out-of-memory failures that are not torch.OutOfMemoryError: cuBLAS and cuDNN report theirs as RuntimeError
-_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS")
-
-
-def _is_out_of_memory(e):
-    import torch
-    return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and any(m in str(e) for m in _OOM_MESSAGES))
-
-
 def fit_device_batch(model, B, T, autocast_ctx):
-    """
-    The largest of B, B/2, B/4, ... sequences of T tokens whose forward and backward fit in GPU memory.
+    """The largest of B, B/2, B/4, ... sequences of T tokens whose forward and backward fit in GPU memory.
     train.py keeps TOTAL_BATCH_SIZE, so more gradient accumulation makes up for a smaller device batch:
     the same optimisation, only slower. On the GPU the first try also compiles the model, with inputs laid
-    out as the loader yields them (views of one (B, T + 1) buffer), so that training does not compile again.
-    """
+    out as the loader yields them (views of one (B, T + 1) buffer), so that training does not compile again."""
     import torch
+    from build import is_out_of_memory
     device = next(model.parameters()).device
     while True:
         try:
@@ -490,7 +412,7 @@ def fit_device_batch(model, B, T, autocast_ctx):
                 model(rows[:, :-1], rows[:, 1:]).backward()
             break
         except Exception as e:
-            if B == 1 or not _is_out_of_memory(e):
+            if B == 1 or not is_out_of_memory(e):
                 raise
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":   # free the failed attempt, and forget its peak
@@ -508,10 +430,8 @@ def fit_device_batch(model, B, T, autocast_ctx):
 
 
 def _check_causal(model, batch, before, cuts, vocab_size):
-    """
-    Change the future of two rows at once; no logit before a row's own change may move (nor leak across rows).
-    `batch` holds the rows (B, T + 1) whose logits were scored; `before[row]` the first cuts[row] of them.
-    """
+    """Change the future of two rows at once; no logit before a row's own change may move (nor leak across rows).
+    `batch` holds the rows (B, T + 1) whose logits were scored; `before[row]` the first cuts[row] of them."""
     import torch
     T = batch.size(1) - 1
     probe = batch.clone()   # sliced below exactly as the scored batch was: the same layout, no new compile
@@ -533,11 +453,9 @@ def _check_causal(model, batch, before, cuts, vocab_size):
 
 
 def evaluate_bpb(model, tokenizer, batch_size):
-    """
-    Bits per byte on the validation shard: the same EVAL_TOKENS // MAX_SEQ_LEN rows for any batch size.
+    """Bits per byte on the validation shard: the same EVAL_TOKENS // MAX_SEQ_LEN rows for any batch size.
     The model gets inputs only and returns logits (B, T, V); the loss is computed here. At most one batch
-    of logits is alive at a time: each is freed before the next forward, the causality probe's included.
-    """
+    of logits is alive at a time: each is freed before the next forward, the causality probe's included."""
     import torch
     import torch.nn.functional as F
     with torch.no_grad():
@@ -573,7 +491,6 @@ def evaluate_bpb(model, tokenizer, batch_size):
                 del before
             done += b
         return total_nats.item() / (math.log(2) * total_bytes.item())
-
 
 
 if __name__ == "__main__":

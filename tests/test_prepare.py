@@ -83,7 +83,7 @@ def test_validation_rows_are_cached_and_equal_to_packing(harness):
     tok = harness.Tokenizer.from_directory()
     rows = harness.validation_rows(tok, 64, 50)
     assert rows.tolist() == reference_rows(harness.list_shards("val"), tok, 64, 50)
-    assert build.read_record(harness._tokens_dir(tok) / "val_rows_T64_N50.npy")["made_from"]["rows"] == 50
+    assert build.read_record(build.tokens_dir(tok) / "val_rows_T64_N50.npy")["made_from"]["rows"] == 50
     assert harness.validation_rows(tok, 64, 50).tolist() == rows.tolist()
 
 
