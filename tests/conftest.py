@@ -30,6 +30,15 @@ def _isolate_environment():
     # no hub but the tests' own: port 9 (discard) on this machine answers nothing, so a stray download fails fast
     os.environ.update(AUTORESEARCH_CACHE=str(home / "cache"), HF_HOME=str(home / "hf"),
                       HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1")
+    # One torch thread, here and in every subprocess: on a busy 2-core machine a toy training step takes 3 s
+    # with two threads and 0.5 s with one
+    os.environ["OMP_NUM_THREADS"] = "1"
+    # With PYTHONDONTWRITEBYTECODE every subprocess compiles torch's modules again (~4 s each): keep the bytecode
+    # for this session in its own directory instead, never beside the sources
+    if sys.dont_write_bytecode:
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix = str(home / "pycache")
+        sys.dont_write_bytecode = False
     atexit.register(shutil.rmtree, home, ignore_errors=True)
 
 

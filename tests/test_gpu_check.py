@@ -38,7 +38,7 @@ SMOKE_LOG = "smoke: train.py at toy size\n---\nval_bpb:          3.590590\natten
 
 
 def env_without_gpu():
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
 def test_without_a_gpu_it_says_so_in_one_line(tmp_path):

@@ -269,7 +269,7 @@ def test_the_suite_never_touches_the_users_cache(tmp_path):
     (user / "hf" / "token").write_text("hf_user_token")
     before = tree(user)
     env = {**os.environ, "AUTORESEARCH_CACHE": str(user / "cache"), "AUTORESEARCH_DATASET": str(user / "stories"),
-           "HF_HOME": str(user / "hf"), "OMP_NUM_THREADS": "1"}
+           "HF_HOME": str(user / "hf")}
     tests = ["tests/test_download.py::test_download_builds_the_cache_and_a_rerun_fetches_nothing",
              "tests/test_prepare.py::test_tokenizer_is_stored_as_data_not_pickle",
              "tests/test_dataset.py::test_conflicting_arguments_are_refused"]
@@ -355,7 +355,7 @@ def test_a_damaged_cache_is_refused_by_train_and_repaired_by_prepare(tiny_cache,
     clean = tree(cache)
     tokens = next((root / "tokens").iterdir())
     path = apply_fault(fault, root, tokens)
-    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache)}
     start = subprocess.run([sys.executable, "-c", TRAIN_START], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
     if fault == "token_file_out_of_range":   # the run goes on, with the shard tokenized afresh, and says so
@@ -387,7 +387,7 @@ def test_prepare_waits_while_a_run_reads_the_cache(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     reader = hold_lock(cache, fcntl.LOCK_SH)
-    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--source", str(corpus)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -405,7 +405,7 @@ def test_a_run_refuses_to_start_while_prepare_writes(tiny_cache, tmp_path):
     cache = shutil.copytree(tiny_cache, tmp_path / "cache")
     writer = hold_lock(cache, fcntl.LOCK_EX)
     try:
-        env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "AUTORESEARCH_CACHE": str(cache)}
         start = subprocess.run([sys.executable, "-c", TRAIN_START], cwd=ROOT, env=env, capture_output=True,
                                text=True, timeout=300)
     finally:
@@ -475,7 +475,7 @@ def test_failing_to_cache_the_validation_rows_never_stops_a_run(tiny_cache, tmp_
     shutil.rmtree(tokens)
     tokens.write_text("a file where the token cache's directory should be")   # no cache file can be written there
     code = TRAIN_START + "print('rows', prepare.validation_rows(tok, 64, 7).shape)\n"
-    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache)}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr

@@ -238,7 +238,7 @@ def make_repo(directory, cache, **train_edits):
                  "README.md"]:
         shutil.copy(ROOT / name, repo / name)
     env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "CUDA_VISIBLE_DEVICES": "",
-           "AUTORESEARCH_STEP_BUDGET": str(STEP_BUDGET), "OMP_NUM_THREADS": "1",
+           "AUTORESEARCH_STEP_BUDGET": str(STEP_BUDGET),
            "UV_PROJECT_ENVIRONMENT": str(ROOT / ".venv"), "UV_OFFLINE": "1", "UV_NO_SYNC": "1",
            "GIT_AUTHOR_NAME": "agent", "GIT_AUTHOR_EMAIL": "agent@example.com",
            "GIT_COMMITTER_NAME": "agent", "GIT_COMMITTER_EMAIL": "agent@example.com"}

@@ -53,9 +53,9 @@ STEP_BUDGET = 3  # timed steps of a toy run: its outcome depends on the seed, ne
 
 
 def subprocess_env(cache, **extra):
-    """One torch thread, the CPU path even on a GPU machine, the given cache; no step budget unless given."""
+    """The CPU path even on a GPU machine, the given cache; no step budget unless given (one thread: conftest)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "HF_"))}
-    return {**env, "AUTORESEARCH_CACHE": str(cache), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+    return {**env, "AUTORESEARCH_CACHE": str(cache), "PYTHONPATH": str(ROOT),
             "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
