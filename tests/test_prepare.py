@@ -65,11 +65,19 @@ def test_missing_tokenizer_says_what_to_run(tmp_path, harness):
 # ---------------------------------------------------------------------------
 
 
+def never(what):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} was called")
+    return fail
+
+
 @pytest.mark.parametrize("split", ["train", "val"])
 @pytest.mark.parametrize("cached", [True, False], ids=["token-cache", "tokenize-on-the-fly"])
-def test_loader_matches_direct_best_fit(harness, split, cached):
+def test_loader_matches_direct_best_fit(harness, monkeypatch, split, cached):
     tok = harness.Tokenizer.from_directory()
-    if not cached:
+    if cached:   # every document from the token cache prepare.py wrote: no shard is tokenized here
+        monkeypatch.setattr(harness, "tokenize_shard", never("tokenize_shard"))
+    else:
         tok.id = None   # no token cache for this tokenizer: the loader tokenizes the parquet files itself
     B, T, n_batches = 8, 64, 250
     loader = harness.make_dataloader(tok, B, T, split, device="cpu")
@@ -78,11 +86,12 @@ def test_loader_matches_direct_best_fit(harness, split, cached):
     assert got.tolist() == expected
 
 
-def test_validation_rows_are_cached_and_equal_to_packing(harness):
+def test_validation_rows_are_cached_and_equal_to_packing(harness, monkeypatch):
     tok = harness.Tokenizer.from_directory()
     rows = harness.validation_rows(tok, 64, 50)
     assert rows.tolist() == reference_rows(harness.list_shards("val"), tok, 64, 50)
     assert harness.read_record(harness._tokens_dir(tok) / "val_rows_T64_N50.npy")["made_from"]["rows"] == 50
+    monkeypatch.setattr(harness, "_BestFitPacker", never("packing"))   # the second time: read from the cache
     assert harness.validation_rows(tok, 64, 50).tolist() == rows.tolist()
 
 
