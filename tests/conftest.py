@@ -45,6 +45,22 @@ def _isolate_environment():
 _isolate_environment()
 
 
+def one_line(stderr):
+    """The one line a failure prints: what failed and what to do, never a traceback."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"one line expected on stderr, got {len(lines)}:\n{stderr[-3000:]}"
+    return lines[0]
+
+
+def fails_in_one_line(proc, *needles):
+    """A command that failed as the harness fails: exit code 1 and one line on stderr holding every needle."""
+    line = one_line(proc.stderr)
+    assert proc.returncode == 1, (proc.returncode, line)
+    for needle in needles:
+        assert needle in line, (needle, line)
+    return line
+
+
 def make_documents(n_docs, seed):
     """Word salad over a fixed syllable inventory, with digits, punctuation, code-ish lines and some CJK."""
     rng = random.Random(seed)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, make_corpus, make_documents, run_prepare, source_root
+from conftest import ROOT, fails_in_one_line, make_corpus, make_documents, run_prepare, source_root
 from hf_server import serve
 
 
@@ -134,18 +134,13 @@ def test_missing_text_column_fails_with_one_line_and_leaves_nothing(tmp_path):
     directory.mkdir()
     pq.write_table(pa.table({"story": make_documents(50, seed=1), "n": list(range(50))}), directory / "x.parquet")
     result = run_prepare(tmp_path / "cache", "--dataset", str(directory), env=offline_env(tmp_path))
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no column 'text' (columns: story, n)" in lines[0] and "--text-column" in lines[0]
+    fails_in_one_line(result, "no column 'text' (columns: story, n)", "--text-column")
     assert not (tmp_path / "cache" / "datasets").exists() and not (tmp_path / "cache" / "dataset.txt").exists()
 
 
 def test_unreachable_hub_dataset_fails_with_one_line_naming_the_ways_out(tmp_path):
     result = run_prepare(tmp_path / "cache", "--dataset", "nobody/no-such-dataset", env=offline_env(tmp_path))
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "nobody/no-such-dataset" in lines[0]
-    assert "HF_ENDPOINT" in lines[0] and "HF_TOKEN" in lines[0] and "--source" in lines[0]
+    fails_in_one_line(result, "nobody/no-such-dataset", "HF_ENDPOINT", "HF_TOKEN", "--source")
     assert not (tmp_path / "cache" / "datasets").exists()
 
 
@@ -219,9 +214,7 @@ def test_a_conversion_cut_short_leaves_nothing_trusted(tmp_path):
     (directory / "part-1.jsonl").write_text(parts[1] + '{"text": "cut sh')   # a read error after 1,200 documents
     cache = tmp_path / "cache"
     result = run_prepare(cache, "--dataset", str(directory), env=offline_env(tmp_path))
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "failed" in lines[0] and "run the same command again" in lines[0]
+    fails_in_one_line(result, "failed", "run the same command again")
     root = root_of(cache, directory)
     assert (root / "data.partial").is_dir()   # what was written so far, under a name nothing reads
     assert not (root / "data").exists() and not (root / "source.json").exists() and not (cache / "dataset.txt").exists()

@@ -11,6 +11,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import gpu_check  # noqa: E402
 import pytest  # noqa: E402
+from conftest import one_line  # noqa: E402
 
 BASELINE_LOG = """\
 device: cuda (NVIDIA H100 80GB HBM3, 989.5 TFLOP/s bf16 peak), bf16 autocast, torch.compile
@@ -45,8 +46,8 @@ def test_without_a_gpu_it_says_so_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--source", str(tmp_path)],
                           env=env_without_gpu(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == ["gpu_check: no CUDA GPU found: this check measures a GPU; on the CPU "
-                                                "run `uv run pytest` and `uv run prepare.py --smoke`"]
+    assert one_line(proc.stderr) == ("gpu_check: no CUDA GPU found: this check measures a GPU; on the CPU "
+                                     "run `uv run pytest` and `uv run prepare.py --smoke`")
     assert not proc.stdout
 
 
@@ -54,7 +55,7 @@ def test_a_missing_source_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--source", str(tmp_path / "no")],
                           env=env_without_gpu(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"gpu_check: --source {tmp_path / 'no'} is not a directory of parquet shards"
+    assert one_line(proc.stderr) == f"gpu_check: --source {tmp_path / 'no'} is not a directory of parquet shards"
 
 
 def test_parse_log_reads_the_summary_block_and_the_overhead_lines():

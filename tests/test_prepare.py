@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import ROOT, make_corpus, make_documents, run_prepare, source_root, write_shard
+from conftest import ROOT, fails_in_one_line, make_corpus, make_documents, run_prepare, source_root, write_shard
 from reference_loader import reference_rows
 
 # ---------------------------------------------------------------------------
@@ -244,8 +244,7 @@ def test_bad_source_fails_with_one_line_and_writes_nothing(tmp_path, problem, me
         for p in list(corpus.iterdir())[1:]:
             p.unlink()
     result = run_prepare(tmp_path / "cache", "--source", str(corpus))
-    assert result.returncode == 1
-    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    fails_in_one_line(result, message)
     root = source_root(tmp_path / "cache", corpus)
     assert not list((tmp_path / "cache").rglob("*.parquet")) and not (root / "tokenizer").exists()
 
@@ -294,9 +293,7 @@ def test_source_inside_the_cache_is_refused_and_deletes_nothing(tmp_path, inside
     make_corpus(cache / "data", n_train_shards=2, docs_per_shard=50)   # a cache as prepare.py laid it out before
     before = tree(cache)
     result = run_prepare(cache, "--source", str(cache / inside))
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "is inside the cache" in lines[0]
+    fails_in_one_line(result, "is inside the cache")
     assert tree(cache) == before
 
 # ---------------------------------------------------------------------------
@@ -372,9 +369,7 @@ def test_a_damaged_cache_is_refused_by_train_and_repaired_by_prepare(tiny_cache,
         assert "max id" in start.stdout and int(start.stdout.split()[2]) < 8192
         assert "holds ids beyond the vocabulary" in start.stderr and path.name in start.stderr
     else:
-        assert start.returncode == 1
-        lines = start.stderr.strip().splitlines()
-        assert len(lines) == 1 and f"{path.name} does not match its record" in lines[0] and "prepare.py" in lines[0]
+        fails_in_one_line(start, f"{path.name} does not match its record", "prepare.py")
     result = run_prepare(cache, "--source", str(corpus))
     assert result.returncode == 0, result.stderr
     assert tree(cache) == clean   # byte for byte what the clean build wrote
@@ -419,9 +414,7 @@ def test_a_run_refuses_to_start_while_prepare_writes(tiny_cache, tmp_path):
                                text=True, timeout=300)
     finally:
         os.close(writer)
-    assert start.returncode == 1
-    lines = start.stderr.strip().splitlines()
-    assert len(lines) == 1 and "a prepare.py is writing the cache" in lines[0]
+    fails_in_one_line(start, "a prepare.py is writing the cache")
 
 # ---------------------------------------------------------------------------
 # Failure paths: orphans, a full disk, an optional cache write, too many files
@@ -450,9 +443,7 @@ def test_more_source_files_than_shard_names_is_refused(tmp_path):
     for i in range(6543):   # 6,542 training shard names + the validation shard: one file too many
         os.link(corpus / "doc.parquet", corpus / f"part-{i:05d}.parquet")
     result = run_prepare(tmp_path / "cache", "--source", str(corpus))
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "6543 training files, more than the 6542 shard names" in lines[0]
+    fails_in_one_line(result, "6543 training files, more than the 6542 shard names")
     assert not list((tmp_path / "cache").rglob("*.parquet"))
 
 
@@ -471,10 +462,8 @@ def small_disk(tmp_path):
 def test_a_full_disk_is_one_line_naming_the_file_and_the_space(small_disk, tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_train_shards=3, docs_per_shard=400)   # ~185 kB a shard
     result = run_prepare(small_disk / "cache", "--source", str(corpus))
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no space left on the device for " in lines[0]
-    assert re.search(r"/shard_\d{5}\.parquet \(0\.\d MB needed, 0\.\d MB free\): free some space", lines[0])
+    line = fails_in_one_line(result, "no space left on the device for ")
+    assert re.search(r"/shard_\d{5}\.parquet \(0\.\d MB needed, 0\.\d MB free\): free some space", line)
     assert not list((small_disk / "cache").rglob("*.tmp"))
 
 

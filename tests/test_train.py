@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import prepare
+from conftest import fails_in_one_line, one_line
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "train.py"
@@ -590,17 +591,15 @@ def test_without_a_gpu_train_py_refuses_in_one_line_and_allocates_nothing_big(tm
     out, err = out.read_text(), err.read_text()
     assert os.waitstatus_to_exitcode(status) == 1, out + err
     assert usage.ru_maxrss < 2 * 1024**2  # KiB: importing torch, no model (on main the CPU run reached 22.9 GB)
-    assert err.strip().splitlines() == [err.strip()]  # one line
-    assert "no CUDA GPU found" in err and "uv run prepare.py --smoke" in err
+    line = one_line(err)
+    assert "no CUDA GPU found" in line and "uv run prepare.py --smoke" in line
     assert "Traceback" not in err and not out.strip()
 
 
 def test_smoke_without_a_prepared_cache_says_to_prepare(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--smoke"], cwd=ROOT, text=True,
                           env=subprocess_env(tmp_path / "empty-cache"), capture_output=True, timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert "needs a prepared cache" in proc.stderr and "run `uv run prepare.py`" in proc.stderr
+    fails_in_one_line(proc, "needs a prepared cache", "run `uv run prepare.py`")
 
 # ---------------------------------------------------------------------------
 # The smoke run, and the script's fast fail (subprocesses against the tiny cache)
