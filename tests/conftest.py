@@ -45,6 +45,13 @@ def _isolate_environment():
 _isolate_environment()
 
 
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu"):
+        import torch
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+
+
 def one_line(stderr):
     """The one line a failure prints: what failed and what to do, never a traceback."""
     lines = stderr.strip().splitlines()

@@ -68,6 +68,7 @@ def built(tmp_path_factory, stories):
     return base, corpus, cache, default_files, result
 
 
+@pytest.mark.slow
 def test_dataset_is_converted_into_a_cache_of_its_own_and_made_active(built, stories, tmp_path):
     base, corpus, cache, default_files, result = built
     directory, train_docs, val_docs = stories
@@ -92,6 +93,7 @@ def test_dataset_is_converted_into_a_cache_of_its_own_and_made_active(built, sto
     assert "already in" in again.stdout and "tokenizer: up to date" in again.stdout and files(cache) == after
 
 
+@pytest.mark.slow
 def test_source_is_made_active_again_and_the_variable_overrides(built, stories, tmp_path):
     corpus, directory = built[1], stories[0]
     cache = shutil.copytree(built[2], tmp_path / "cache")
@@ -109,6 +111,7 @@ def test_source_is_made_active_again_and_the_variable_overrides(built, stories, 
     assert active(cache, tmp_path, AUTORESEARCH_DATASET="karpathy/climbmix-400b-shuffle")[1] == str(cache / "data")
 
 
+@pytest.mark.slow
 def test_train_only_dataset_holds_out_its_last_documents(tmp_path):
     directory = tmp_path / "tales"
     directory.mkdir()
@@ -129,6 +132,7 @@ def test_train_only_dataset_holds_out_its_last_documents(tmp_path):
     assert active(tmp_path / "cache", tmp_path)[:2] == [str(directory), str(data)]
 
 
+@pytest.mark.slow
 def test_missing_text_column_fails_with_one_line_and_leaves_nothing(tmp_path):
     directory = tmp_path / "tales"
     directory.mkdir()
@@ -175,6 +179,7 @@ def test_cache_directories_known_answers(monkeypatch, tmp_path):
         prepare.dataset_root("..")
 
 
+@pytest.mark.slow
 def test_sources_keep_their_shards_apart_and_switching_back_and_forth_redoes_nothing(tmp_path):
     """--source, download, --source, download: each keeps its own shards; nothing is copied or fetched twice."""
     local = make_corpus(tmp_path / "local", n_train_shards=2, docs_per_shard=400, seed=0)
@@ -205,6 +210,7 @@ def test_sources_keep_their_shards_apart_and_switching_back_and_forth_redoes_not
     assert active(cache, tmp_path)[1] == str(cache / "data")
 
 
+@pytest.mark.slow
 def test_a_conversion_cut_short_leaves_nothing_trusted(tmp_path):
     directory = tmp_path / "tales"
     directory.mkdir()

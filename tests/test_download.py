@@ -29,6 +29,7 @@ def prepare(cache, env, *args, timeout=300):
     return run_prepare(cache, "--num-shards", "2", *args, env=env, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_download_builds_the_cache_and_a_rerun_fetches_nothing(tmp_path, remote):
     with serve(remote) as hub:
         env = hub_env(hub.url, tmp_path / "hf")
@@ -47,6 +48,7 @@ def test_download_builds_the_cache_and_a_rerun_fetches_nothing(tmp_path, remote)
         assert hub.count("GET", "shard_00000.parquet") == gets
 
 
+@pytest.mark.slow
 def test_connection_cut_mid_file_leaves_nothing_and_a_rerun_repairs_it(tmp_path, remote):
     with serve(remote) as hub:
         env = hub_env(hub.url, tmp_path / "hf")
@@ -99,6 +101,7 @@ def test_offline_mode_with_missing_shards_says_so(tmp_path, remote):
     fails_in_one_line(result, "HF_HUB_OFFLINE", "--source")
 
 
+@pytest.mark.slow
 def test_a_hub_that_never_answers_fails_in_bounded_time_with_one_line(tmp_path, remote):
     with serve(remote) as hub:
         hub.silent = True   # accepts the connection, reads the request, says nothing
@@ -108,6 +111,7 @@ def test_a_hub_that_never_answers_fails_in_bounded_time_with_one_line(tmp_path, 
     fails_in_one_line(result, "made no progress for 3s", "run the same command again")
 
 
+@pytest.mark.slow
 def test_a_trickling_download_fails_with_one_line_and_progress_is_printed(tmp_path, remote):
     with serve(remote) as hub:
         hub.cut("shard_06542.parquet", after_bytes=1000, times=1, mode="trickle")   # the first shard fetched

@@ -42,6 +42,7 @@ def env_without_gpu():
     return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
+@pytest.mark.slow
 def test_without_a_gpu_it_says_so_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--source", str(tmp_path)],
                           env=env_without_gpu(), capture_output=True, text=True, timeout=120)

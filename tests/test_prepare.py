@@ -208,6 +208,7 @@ def test_logits_of_the_wrong_shape_are_refused(harness):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_source_builds_cache_and_rerun_is_a_no_op(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -265,6 +266,7 @@ def tree(directory):
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(directory).rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_the_suite_never_touches_the_users_cache(tmp_path):
     """Run cache-writing tests with the user's variables exported: the directories they name stay byte-identical."""
     user = tmp_path / "user"
@@ -352,6 +354,7 @@ def apply_fault(fault, root, tokens):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["tokenizer_edited", "token_bytes_doubled", "token_file_out_of_range",
                                    "val_rows_truncated", "val_shard_replaced"])
 def test_a_damaged_cache_is_refused_by_train_and_repaired_by_prepare(tiny_cache, tmp_path, fault):
@@ -386,6 +389,7 @@ def hold_lock(cache, kind):
     return fd
 
 
+@pytest.mark.slow
 def test_prepare_waits_while_a_run_reads_the_cache(tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_train_shards=2, docs_per_shard=400)
     cache = tmp_path / "cache"
@@ -405,6 +409,7 @@ def test_prepare_waits_while_a_run_reads_the_cache(tmp_path):
     assert "tokenizer: trained 8192 tokens" in out
 
 
+@pytest.mark.slow
 def test_a_run_refuses_to_start_while_prepare_writes(tiny_cache, tmp_path):
     cache = shutil.copytree(tiny_cache, tmp_path / "cache")
     writer = hold_lock(cache, fcntl.LOCK_EX)
@@ -421,6 +426,7 @@ def test_a_run_refuses_to_start_while_prepare_writes(tiny_cache, tmp_path):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_orphaned_temporary_files_are_removed_on_the_next_run(tiny_cache, tmp_path):
     cache = shutil.copytree(tiny_cache, tmp_path / "cache")
     corpus = tiny_cache.parent / "corpus"
@@ -459,6 +465,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_file_and_the_space(small_disk, tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_train_shards=3, docs_per_shard=400)   # ~185 kB a shard
     result = run_prepare(small_disk / "cache", "--source", str(corpus))
@@ -467,6 +474,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_space(small_disk, tmp_p
     assert not list((small_disk / "cache").rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_failing_to_cache_the_validation_rows_never_stops_a_run(tiny_cache, tmp_path):
     cache = shutil.copytree(tiny_cache, tmp_path / "cache")
     tokens = next((active_root(cache) / "tokens").iterdir())

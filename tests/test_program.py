@@ -299,6 +299,7 @@ def read_results(repo, text=None):
     return [line.split("\t") for line in lines[1:]]
 
 
+@pytest.mark.slow
 def test_results_tsv_has_the_expected_rows(night):
     rows = read_results(night["repo"], night["results"])
     assert night["statuses"] == ["discard", "keep", "not run", "discard", "crash", "crash", "crash"]
@@ -320,6 +321,7 @@ def test_results_tsv_has_the_expected_rows(night):
         assert (float(val_bpb) == 0) == (status == "crash")
 
 
+@pytest.mark.slow
 def test_no_kept_commit_is_lost(night):
     """An edit that changed nothing is not run, and a second reset stays on the last kept commit."""
     assert night["after_nothing"] == dict(head=night["kept"], rows=6)   # no row, no reset, nothing lost
@@ -332,6 +334,7 @@ def test_no_kept_commit_is_lost(night):
     assert subprocess.run(["git", "merge-base", "--is-ancestor", base, best], cwd=night["repo"]).returncode == 0
 
 
+@pytest.mark.slow
 def test_git_holds_exactly_the_kept_commits(night):
     repo, env = night["repo"], night["env"]
     status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=repo, env=env, capture_output=True,
@@ -341,6 +344,7 @@ def test_git_holds_exactly_the_kept_commits(night):
     assert diff.returncode == 0
 
 
+@pytest.mark.slow
 def test_notes_are_bounded_and_agree_with_results(night):
     notes = night["notes"]
     assert len(notes.splitlines()) <= 40 and len(night["notes_after_first"].splitlines()) <= 40
@@ -356,6 +360,7 @@ def test_notes_are_bounded_and_agree_with_results(night):
         assert f"- {description}" in notes
 
 
+@pytest.mark.slow
 def test_morning_report_reads_the_night(night, tmp_path):
     (tmp_path / "results.tsv").write_text(night["results"])
     out = subprocess.run([sys.executable, str(ROOT / "analysis.py"), str(tmp_path / "results.tsv"), "--json"],
@@ -368,6 +373,7 @@ def test_morning_report_reads_the_night(night, tmp_path):
     assert (tmp_path / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_next_night_on_the_same_branch(night):
     """README's morning archive and program.md's setup agree: the new night starts from the last kept
     commit (not from the experiment cut off when the night was stopped), with the old record committed
@@ -404,6 +410,7 @@ def test_discards_go_back_to_the_kept_commit(tmp_path, tiny_cache):
     assert "HEAD~" not in agent.text
 
 
+@pytest.mark.slow
 def test_a_crashed_baseline_stops_the_night(tmp_path_factory, tiny_cache):
     """Nothing can be compared without a baseline: the agent logs the crash and stops for the human."""
     repo, env = make_repo(tmp_path_factory.mktemp("crashed"), tiny_cache, HEAD_DIM="undefined_name")

@@ -24,7 +24,6 @@ from conftest import fails_in_one_line, one_line
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "train.py"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def load_train_definitions():
@@ -288,7 +287,7 @@ def test_fallback_attention_matches_masked_softmax(window):
     check_attention(attention, window, T=64, device="cpu", atol=1e-5)
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("window", [256, 128, 100])
 def test_flex_attention_matches_masked_softmax_on_gpu(window):
     check_attention(prepare.Attention(None, "flex+sdpa", ""), window, T=256, device="cuda", atol=1e-3)
@@ -459,6 +458,7 @@ def test_other_errors_are_not_taken_for_out_of_memory(harness):
         harness.fit_device_batch(Greedy(RuntimeError("mat1 and mat2 shapes cannot be multiplied")), 8, 16, nullcontext())
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_device_batch(tmp_path, tiny_cache):
     path = toy_copy(tmp_path, DEVICE_BATCH_SIZE="8", TOTAL_BATCH_SIZE=f"8 * {prepare.SMOKE_SEQ_LEN} * 2")
     src = path.read_text()
@@ -575,6 +575,7 @@ def test_allocator_setting_is_set_on_import_unless_the_user_set_one(tmp_path, us
     assert TRAIN.read_text().index("from prepare import") < TRAIN.read_text().index("torch.cuda")  # before CUDA
 
 
+@pytest.mark.slow
 def test_without_a_gpu_train_py_refuses_in_one_line_and_allocates_nothing_big(tmp_path):
     """The unmodified train.py, no step budget, no GPU: it stops before reading data or building the model."""
     env = subprocess_env(tmp_path / "empty-cache")  # not even a cache: the GPU is checked first
@@ -620,6 +621,7 @@ def read_summary(lines):
     return summary
 
 
+@pytest.mark.slow
 def test_smoke_run_trains_the_current_train_py_through_the_harness(tmp_path, tiny_cache, harness, monkeypatch):
     """`prepare.py --smoke > run.log` beside an edited train.py: that train.py, at toy size, to its summary block."""
     for name in ("prepare.py", "train.py"):
@@ -668,6 +670,7 @@ def test_smoke_run_trains_the_current_train_py_through_the_harness(tmp_path, tin
     assert val_bpb < 0.95 * uniform_bpb, (val_bpb, uniform_bpb)
 
 
+@pytest.mark.slow
 def test_nan_loss_prints_fail_and_exits_1(tmp_path, tiny_cache):
     path = toy_copy(tmp_path, MATRIX_LR='float("nan")')  # a bad edit: every update is NaN
     code, log = run_script(path, tiny_cache, tmp_path / "run.log")
