@@ -44,6 +44,10 @@ def _isolate_environment():
 
 _isolate_environment()
 
+# The build-time half of the harness (the CLI, conversions, the smoke run's toy size, fetching FA3): tests name it
+# through this alias only
+import prepare as build   # noqa: E402
+
 
 def pytest_runtest_setup(item):
     if item.get_closest_marker("gpu"):
@@ -66,6 +70,13 @@ def fails_in_one_line(proc, *needles):
     for needle in needles:
         assert needle in line, (needle, line)
     return line
+
+
+def toy_train_py(directory, **edits):
+    """train.py at the smoke run's toy size (build.smoke_script), with more of its `NAME = ...` lines edited."""
+    path = Path(directory) / "train.py"
+    path.write_text(build.smoke_script((ROOT / "train.py").read_text(), **edits))
+    return path
 
 
 def make_documents(n_docs, seed):

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, fails_in_one_line, make_corpus, make_documents, run_prepare, source_root
+from conftest import ROOT, build, fails_in_one_line, make_corpus, make_documents, run_prepare, source_root
 from hf_server import serve
 
 
@@ -154,11 +154,10 @@ def test_unreachable_hub_dataset_fails_with_one_line_naming_the_ways_out(tmp_pat
     (["--dataset", "karpathy/climbmix-400b-shuffle"], "is the default dataset: run `uv run prepare.py`"),
 ])
 def test_conflicting_arguments_are_refused(monkeypatch, capsys, tmp_path, args, message):
-    import prepare
     for name in ("CACHE_DIR", "DATA_DIR", "TOKENIZER_DIR"):   # restored after the test, whatever main() sets
-        monkeypatch.setattr(prepare, name, tmp_path)
+        monkeypatch.setattr(build, name, tmp_path)
     with pytest.raises(SystemExit) as exit:
-        prepare.main(args)
+        build.main(args)
     assert exit.value.code != 0 and message in capsys.readouterr().err + str(exit.value.code)
     assert list(tmp_path.iterdir()) == []
 
@@ -230,7 +229,6 @@ def test_a_missing_column_known_from_the_schema_fails_before_any_row_is_read(tmp
     """The abort at exit (-6, 'terminate called without an active exception', about 1 run in 10) came from a pyarrow
     scan of the streamed parquet files abandoned after its first row; reading no row at all leaves none behind."""
     import datasets
-    import prepare
     directory = tmp_path / "tales"
     directory.mkdir()
     pq.write_table(pa.table({"story": make_documents(50, seed=1), "n": list(range(50))}), directory / "x.parquet")
@@ -242,5 +240,5 @@ def test_a_missing_column_known_from_the_schema_fails_before_any_row_is_read(tmp
         def __iter__(self):
             raise AssertionError("a row was read")
 
-    with pytest.raises(prepare.HarnessError, match=r"no column 'text' \(columns: story, n\)"):
-        next(prepare._texts(Unread(), str(directory), "text"))
+    with pytest.raises(build.HarnessError, match=r"no column 'text' \(columns: story, n\)"):
+        next(build._texts(Unread(), str(directory), "text"))

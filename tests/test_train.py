@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import prepare
-from conftest import fails_in_one_line, one_line
+from conftest import build, fails_in_one_line, one_line, toy_train_py
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "train.py"
@@ -40,13 +40,6 @@ def load_train_definitions():
 @pytest.fixture(scope="module")
 def tr():
     return load_train_definitions()
-
-
-def toy_copy(directory, **edits):
-    """train.py at the smoke run's toy size (prepare.smoke_script), with a few more hyperparameter lines edited."""
-    path = Path(directory) / "train.py"
-    path.write_text(prepare.smoke_script(TRAIN.read_text(), **edits))
-    return path
 
 
 STEP_BUDGET = 3  # timed steps of a toy run: its outcome depends on the seed, never on the machine's speed
@@ -309,7 +302,7 @@ class FakeKernel:
 
 @pytest.mark.parametrize("broken, message", [(None, None), ("backward", "dq at window"), ("window", "output at window 16")])
 def test_fa3_check_runs_forward_and_backward_at_the_real_head_dim_and_windows(broken, message):
-    check = lambda: prepare._check_flash_attention_3(FakeKernel(broken), 64, [16, 32, 32], 32, device="cpu")
+    check = lambda: build._check_flash_attention_3(FakeKernel(broken), 64, [16, 32, 32], 32, device="cpu")
     if message is None:
         check()
     else:
@@ -323,8 +316,8 @@ def closed_port():
         return s.getsockname()[1]   # nothing listens there once the socket is closed
 
 
-FETCH = ("import prepare, sys; prepare.FA3_REVISIONS[prepare.FA3_REPO_HOPPER] = sys.argv[1]; "
-         "kernel, why = prepare._fetch_flash_attention_3(prepare.FA3_REPO_HOPPER); print(kernel, why, sep='|')")
+FETCH = (f"import sys, {build.__name__} as b; b.FA3_REVISIONS[b.FA3_REPO_HOPPER] = sys.argv[1]; "
+         "kernel, why = b._fetch_flash_attention_3(b.FA3_REPO_HOPPER); print(kernel, why, sep='|')")
 
 
 @pytest.mark.parametrize("pin", ["", "0123456789abcdef0123456789abcdef01234567"])
@@ -343,7 +336,7 @@ def test_fa3_loader_classifies_no_network_in_one_line_without_retries(tmp_path, 
     if how == "closed port":
         assert f"cannot reach http://127.0.0.1:{port}" in why
     else:
-        assert f"{prepare.FA3_REPO_HOPPER}@{pin or 'v1'}: HF_HUB_OFFLINE is set" in why
+        assert f"{build.FA3_REPO_HOPPER}@{pin or 'v1'}: HF_HUB_OFFLINE is set" in why
 
 
 def test_hub_client_transport_errors_count_as_offline():
@@ -358,13 +351,13 @@ def test_hub_client_transport_errors_count_as_offline():
     except RuntimeError as e:
         wrapped = e
     assert not isinstance(refused, OSError)  # why the old `isinstance(e, OSError)` never said "offline"
-    assert prepare._is_offline(refused) and prepare._is_offline(wrapped)
-    assert not prepare._is_offline(ValueError("Version 1 not found, available versions: 2"))
+    assert build._is_offline(refused) and build._is_offline(wrapped)
+    assert not build._is_offline(ValueError("Version 1 not found, available versions: 2"))
 
 
 def test_fa3_pins_are_commits_not_branches():
-    assert set(prepare.FA3_REVISIONS) == {prepare.FA3_REPO_HOPPER, prepare.FA3_REPO_OTHER}
-    for repo, pin in prepare.FA3_REVISIONS.items():   # "" = not pinned yet (README: how to pin)
+    assert set(build.FA3_REVISIONS) == {build.FA3_REPO_HOPPER, build.FA3_REPO_OTHER}
+    for repo, pin in build.FA3_REVISIONS.items():   # "" = not pinned yet (README: how to pin)
         assert pin == "" or re.fullmatch(r"[0-9a-f]{40}", pin), f"{repo}: {pin!r} is not a full commit sha"
 
 
@@ -460,7 +453,7 @@ def test_other_errors_are_not_taken_for_out_of_memory(harness):
 
 @pytest.mark.slow
 def test_out_of_memory_halves_the_device_batch(tmp_path, tiny_cache):
-    path = toy_copy(tmp_path, DEVICE_BATCH_SIZE="8", TOTAL_BATCH_SIZE=f"8 * {prepare.SMOKE_SEQ_LEN} * 2")
+    path = toy_train_py(tmp_path, DEVICE_BATCH_SIZE="8", TOTAL_BATCH_SIZE=f"8 * {build.SMOKE_SEQ_LEN} * 2")
     src = path.read_text()
     forward = '    def forward(self, idx, targets=None, reduction="mean"):\n'
     assert src.count(forward) == 1
@@ -472,7 +465,7 @@ def test_out_of_memory_halves_the_device_batch(tmp_path, tiny_cache):
     assert code == 0, text[-3000:]
     assert "DEVICE_BATCH_SIZE = 8 runs out of GPU memory: using 4" in text
     assert "DEVICE_BATCH_SIZE = 4 runs out of GPU memory: using 2" in text
-    assert f"8 micro-steps of 2 x {prepare.SMOKE_SEQ_LEN} tokens per step" in text   # TOTAL_BATCH_SIZE unchanged
+    assert f"8 micro-steps of 2 x {build.SMOKE_SEQ_LEN} tokens per step" in text   # TOTAL_BATCH_SIZE unchanged
     assert re.search(r"^val_bpb:\s+\d+\.\d{6}$", text, re.M)
 
 # ---------------------------------------------------------------------------
@@ -643,19 +636,19 @@ def test_smoke_run_trains_the_current_train_py_through_the_harness(tmp_path, tin
     assert "an edit of the agent" in lines and lines[2].startswith("device: cpu") and lines[3].startswith("attention: ")
     assert any(line.startswith("step 00000 ") for line in lines)
     summary = read_summary(lines)
-    assert summary["depth"] == str(prepare.SMOKE_SIZE["DEPTH"]) and summary["attention"] == "sdpa-cpu"
+    assert summary["depth"] == str(build.SMOKE_SIZE["DEPTH"]) and summary["attention"] == "sdpa-cpu"
     assert summary["mfu_percent"] == "unknown" and summary["peak_vram_mb"] == "0.0"
     assert summary["dataset"] == "local:" + str(tiny_cache.parent / "corpus")  # the tiny cache came from --source
     steps = int(summary["num_steps"])
-    assert steps == prepare.UNTIMED_STEPS + prepare.SMOKE_STEPS  # the untimed warm-up steps, then the step budget
-    assert f"budget: {prepare.SMOKE_STEPS} timed steps" in text
-    assert float(summary["total_tokens_M"]) == pytest.approx(round(steps * prepare.SMOKE_SIZE["TOTAL_BATCH_SIZE"] / 1e6, 1))
+    assert steps == prepare.UNTIMED_STEPS + build.SMOKE_STEPS  # the untimed warm-up steps, then the step budget
+    assert f"budget: {build.SMOKE_STEPS} timed steps" in text
+    assert float(summary["total_tokens_M"]) == pytest.approx(round(steps * build.SMOKE_SIZE["TOTAL_BATCH_SIZE"] / 1e6, 1))
 
     # program.md's grep finds it, and the model beats the uniform distribution's bits per byte on the same rows
     grep = subprocess.run(["grep", "^val_bpb:", str(tmp_path / "run.log")], capture_output=True, text=True)
     val_bpb = float(grep.stdout.split()[1])
-    monkeypatch.setattr(harness, "MAX_SEQ_LEN", prepare.SMOKE_SEQ_LEN)
-    monkeypatch.setattr(harness, "EVAL_TOKENS", prepare.SMOKE_EVAL_TOKENS)
+    monkeypatch.setattr(harness, "MAX_SEQ_LEN", build.SMOKE_SEQ_LEN)
+    monkeypatch.setattr(harness, "EVAL_TOKENS", build.SMOKE_EVAL_TOKENS)
     tokenizer = harness.Tokenizer.from_directory()
 
     class Uniform(torch.nn.Module):
@@ -672,7 +665,7 @@ def test_smoke_run_trains_the_current_train_py_through_the_harness(tmp_path, tin
 
 @pytest.mark.slow
 def test_nan_loss_prints_fail_and_exits_1(tmp_path, tiny_cache):
-    path = toy_copy(tmp_path, MATRIX_LR='float("nan")')  # a bad edit: every update is NaN
+    path = toy_train_py(tmp_path, MATRIX_LR='float("nan")')  # a bad edit: every update is NaN
     code, log = run_script(path, tiny_cache, tmp_path / "run.log")
     text = log.decode()
     assert code == 1, text[-2000:]
