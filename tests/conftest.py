@@ -2,6 +2,7 @@
 
 import atexit
 import hashlib
+import importlib.util
 import os
 import random
 import shutil
@@ -33,9 +34,11 @@ def _isolate_environment():
     # One torch thread, here and in every subprocess: on a busy 2-core machine a toy training step takes 3 s
     # with two threads and 0.5 s with one
     os.environ["OMP_NUM_THREADS"] = "1"
-    # With PYTHONDONTWRITEBYTECODE every subprocess compiles torch's modules again (~4 s each): keep the bytecode
-    # for this session in its own directory instead, never beside the sources
-    if sys.dont_write_bytecode:
+    # With PYTHONDONTWRITEBYTECODE and an environment synced without --compile-bytecode, every subprocess compiles
+    # torch's modules again (~4 s each): keep the bytecode of this session in its own directory instead, never
+    # beside the sources
+    torch = importlib.util.find_spec("torch")
+    if sys.dont_write_bytecode and not os.path.exists(importlib.util.cache_from_source(torch.origin)):
         os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
         os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix = str(home / "pycache")
         sys.dont_write_bytecode = False
