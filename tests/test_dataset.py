@@ -56,12 +56,11 @@ def stories(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, stories):
-    """A cache with a --source directory prepared, then the stories dataset prepared and active."""
+def built(tmp_path_factory, tiny_cache, stories):
+    """A cache with a --source directory prepared (a copy of the tiny cache), then the stories dataset prepared
+    and active."""
     base = tmp_path_factory.mktemp("dataset_cache")
-    corpus, cache = make_corpus(base / "corpus"), base / "cache"
-    first = run_prepare(cache, "--source", str(corpus), env=offline_env(base))
-    assert first.returncode == 0, first.stderr
+    corpus, cache = tiny_cache.parent / "corpus", shutil.copytree(tiny_cache, base / "cache")
     default_files = {p: h for p, h in files(cache).items() if p.name != "dataset.txt"}   # the pointer moves on
     result = run_prepare(cache, "--dataset", str(stories[0]), env=offline_env(base))
     assert result.returncode == 0, result.stderr
@@ -115,7 +114,8 @@ def test_source_is_made_active_again_and_the_variable_overrides(built, stories, 
 def test_train_only_dataset_holds_out_its_last_documents(tmp_path):
     directory = tmp_path / "tales"
     directory.mkdir()
-    docs = make_documents(2000, seed=3)
+    # the last 20 long: the validation rows packed at prepare time (EVAL_TOKENS) take fewer passes over them
+    docs = make_documents(1980, seed=3) + ["\n".join(make_documents(30, seed=100 + i)) for i in range(20)]
     pq.write_table(pa.table({"story": docs[:1200], "n": list(range(1200))}), directory / "part-0.parquet")
     pq.write_table(pa.table({"story": docs[1200:], "n": list(range(800))}), directory / "part-1.parquet")
     root = root_of(tmp_path / "cache", directory)
@@ -179,11 +179,11 @@ def test_cache_directories_known_answers(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_sources_keep_their_shards_apart_and_switching_back_and_forth_redoes_nothing(tmp_path):
-    """--source, download, --source, download: each keeps its own shards; nothing is copied or fetched twice."""
-    local = make_corpus(tmp_path / "local", n_train_shards=2, docs_per_shard=400, seed=0)
+def test_sources_keep_their_shards_apart_and_switching_back_and_forth_redoes_nothing(tmp_path, tiny_cache):
+    """--source (the tiny cache, copied), download, --source, download: each keeps its own shards; nothing is
+    copied or fetched twice."""
+    local, cache = tiny_cache.parent / "corpus", shutil.copytree(tiny_cache, tmp_path / "cache")
     remote = make_corpus(tmp_path / "remote", n_train_shards=2, docs_per_shard=400, seed=50)
-    cache = tmp_path / "cache"
     with serve(remote) as hub:
         env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1",
                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
@@ -193,7 +193,6 @@ def test_sources_keep_their_shards_apart_and_switching_back_and_forth_redoes_not
             assert result.returncode == 0, result.stderr
             return result.stdout
 
-        assert "2 training shards" in prepare("--source", str(local))
         assert "3 shards downloaded" in prepare("--num-shards", "2")
         gets = [r for r in hub.requests if r[0] == "GET"]
         again = prepare("--source", str(local))
