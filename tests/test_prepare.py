@@ -282,8 +282,8 @@ def test_the_suite_never_touches_the_users_cache(tmp_path):
            "HF_HOME": str(user / "hf")}
     tests = ["tests/test_download.py::test_download_builds_the_cache_and_a_rerun_fetches_nothing",   # cache, hub
              "tests/test_dataset.py::test_conflicting_arguments_are_refused"]   # prepare's own CLI, in-process
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", *tests],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
     assert tree(user) == before
 
