@@ -52,6 +52,12 @@ _isolate_environment()
 import prepare as build   # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """The scripted night first: with pytest-xdist it keeps one worker busy for a minute while the others run the
+    rest of the suite, instead of starting last and running alone."""
+    items.sort(key=lambda item: item.module.__name__ != "test_program")
+
+
 def pytest_runtest_setup(item):
     if item.get_closest_marker("gpu"):
         import torch
