@@ -2,6 +2,7 @@
 
 import atexit
 import hashlib
+import importlib.util
 import os
 import random
 import shutil
@@ -30,10 +31,61 @@ def _isolate_environment():
     # no hub but the tests' own: port 9 (discard) on this machine answers nothing, so a stray download fails fast
     os.environ.update(AUTORESEARCH_CACHE=str(home / "cache"), HF_HOME=str(home / "hf"),
                       HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1")
+    # One torch thread, here and in every subprocess: on a busy 2-core machine a toy training step takes 3 s
+    # with two threads and 0.5 s with one
+    os.environ["OMP_NUM_THREADS"] = "1"
+    # With PYTHONDONTWRITEBYTECODE and an environment synced without --compile-bytecode, every subprocess compiles
+    # torch's modules again (~4 s each): keep the bytecode of this session in its own directory instead, never
+    # beside the sources
+    torch = importlib.util.find_spec("torch")
+    if sys.dont_write_bytecode and not os.path.exists(importlib.util.cache_from_source(torch.origin)):
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix = str(home / "pycache")
+        sys.dont_write_bytecode = False
     atexit.register(shutil.rmtree, home, ignore_errors=True)
 
 
 _isolate_environment()
+
+# The build-time half of the harness (the CLI, conversions, the smoke run's toy size, fetching FA3): tests name it
+# through this alias only
+import build   # noqa: E402
+
+
+def pytest_collection_modifyitems(items):
+    """The scripted night first: with pytest-xdist it keeps one worker busy for a minute while the others run the
+    rest of the suite, instead of starting last and running alone."""
+    items.sort(key=lambda item: item.module.__name__ != "test_program")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu"):
+        import torch
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+
+
+def one_line(stderr):
+    """The one line a failure prints: what failed and what to do, never a traceback."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"one line expected on stderr, got {len(lines)}:\n{stderr[-3000:]}"
+    return lines[0]
+
+
+def fails_in_one_line(proc, *needles):
+    """A command that failed as the harness fails: exit code 1 and one line on stderr holding every needle."""
+    line = one_line(proc.stderr)
+    assert proc.returncode == 1, (proc.returncode, line)
+    for needle in needles:
+        assert needle in line, (needle, line)
+    return line
+
+
+def toy_train_py(directory, **edits):
+    """train.py at the smoke run's toy size (build.smoke_script), with more of its `NAME = ...` lines edited."""
+    path = Path(directory) / "train.py"
+    path.write_text(build.smoke_script((ROOT / "train.py").read_text(), **edits))
+    return path
 
 
 def make_documents(n_docs, seed):

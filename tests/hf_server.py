@@ -36,31 +36,27 @@ CDN = re.compile(r"^/cdn/(?P<file>.+)$")
 
 
 class FakeHub:
-    def __init__(self, root_dir, repo_id, redirect=True):
-        self.root, self.repo_id, self.redirect = Path(root_dir), repo_id, redirect
+    def __init__(self, root_dir, repo_id):
+        self.root, self.repo_id = Path(root_dir), repo_id
         self.commit = hashlib.sha1(repo_id.encode()).hexdigest()  # any 40-hex string will do as the commit id
         self.requests = []
         self.silent = False  # accept, read the request, never answer (until the server stops)
         self._cuts = {}  # filename -> [after_bytes, times_left, mode]
         self._lock = threading.Lock()
-        self._stopped = threading.Event()  # releases "stall" handlers at shutdown
+        self._stopped = threading.Event()  # releases silent and trickling handlers at shutdown
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
         port = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{port}"  # for HF_ENDPOINT
         self.cdn_url = f"http://localhost:{port}"  # same server, but a different origin for the client
 
-    def cut(self, filename, after_bytes, times=1, mode="close"):
+    def cut(self, filename, after_bytes, times=1, mode="reset"):
         """Break the next `times` GETs of `filename` once file offset `after_bytes` is reached.
 
-        mode="close": FIN -> httpx2.RemoteProtocolError; hf_hub_download resumes in-call with a Range GET
-                      (giving up after 5 retries in a row that yield no complete 10 MiB chunk, 1 s apart);
         mode="reset": RST -> httpx2.ReadError, which hf_hub_download does NOT retry: the call raises;
-        mode="stall": send the bytes, then hang until the server stops -> httpx2.ReadTimeout after
-                      HF_HUB_DOWNLOAD_TIMEOUT, retried like "close";
         mode="trickle": send the bytes, then the rest 64 bytes every 0.1 s (no read ever times out).
         A GET whose Range starts at or after `after_bytes` is broken before its first body byte."""
-        assert mode in ("close", "reset", "stall", "trickle")
+        assert mode in ("reset", "trickle")
         with self._lock:
             self._cuts[filename] = [after_bytes, times, mode]
 
@@ -74,10 +70,6 @@ class FakeHub:
 
     def count(self, method, filename):
         return sum(1 for m, p, _ in self.requests if m == method and unquote(p).endswith("/" + filename))
-
-    def ranges(self, filename):
-        """The Range header (or None) of every GET of `filename`, in order."""
-        return [r for m, p, r in self.requests if m == "GET" and unquote(p).endswith("/" + filename)]
 
 
 def _make_handler(hub):
@@ -126,7 +118,7 @@ def _make_handler(hub):
                 return self._error("EntryNotFound")
             data = fpath.read_bytes()
             etag = '"' + hashlib.sha256(data).hexdigest() + '"'  # for LFS files the ETag is the content's sha256
-            if resolve and hub.redirect:
+            if resolve:
                 # Cross-origin redirect: the client's HEAD stops here and reads the metadata from this response.
                 return self._reply(302, {"Location": f"{hub.cdn_url}/cdn/{resolve['file']}",
                                          "X-Repo-Commit": hub.commit, "X-Linked-Etag": etag,
@@ -158,22 +150,18 @@ def _make_handler(hub):
                         self.wfile.flush()
                 return
             self.close_connection = True
-            if mode == "stall":
-                hub._stopped.wait()
             with contextlib.suppress(OSError):  # the client may be gone already
-                if mode == "reset":  # SO_LINGER with timeout 0 makes close() send RST instead of FIN
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    self.connection.close()
-                else:
-                    self.connection.shutdown(socket.SHUT_WR)
+                # SO_LINGER with timeout 0 makes close() send RST instead of FIN
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
 
     return Handler
 
 
 @contextlib.contextmanager
-def serve(root_dir, repo_id="karpathy/climbmix-400b-shuffle", redirect=True):
+def serve(root_dir, repo_id="karpathy/climbmix-400b-shuffle"):
     """Serve root_dir as dataset `repo_id` on 127.0.0.1:<ephemeral port>; yields the FakeHub."""
-    hub = FakeHub(root_dir, repo_id, redirect=redirect)
+    hub = FakeHub(root_dir, repo_id)
     thread = threading.Thread(target=hub._httpd.serve_forever, daemon=True)
     thread.start()
     try:

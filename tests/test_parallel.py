@@ -22,13 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from test_program import TOY_EDITS, make_repo, set_constants
+from test_program import make_repo, set_constants
 
 ROOT = Path(__file__).resolve().parent.parent
 UPPER_BOUND = 900          # seconds: only a guard against a hang, never a decision
 HANG_LIMIT = 20            # the hanging run's time limit (`timeout 600` in real use)
-# The toy baseline also has a too-small Muon lr, so that two independent fixes both win one wave.
-BASELINE_EDITS = {**TOY_EDITS, "MATRIX_LR": "0.004"}
+# The toy baseline (two micro-steps of 8 sequences) also has a too-small Muon lr, so that two independent fixes
+# both win one wave.
+BASELINE_EDITS = {"DEPTH": "2", "ASPECT_RATIO": "32", "HEAD_DIM": "32", "DEVICE_BATCH_SIZE": "8",
+                  "TOTAL_BATCH_SIZE": "8 * 64 * 2", "UNEMBEDDING_LR": "0.0004", "MATRIX_LR": "0.004"}
 FIX_A = ("unembedding lr 0.0004 -> 0.004", {"UNEMBEDDING_LR": "0.004"})
 FIX_B = ("matrix lr 0.004 -> 0.04", {"MATRIX_LR": "0.04"})
 CRASH = ("typo in the model", {"HEAD_DIM": "undefined_name"})

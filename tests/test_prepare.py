@@ -17,8 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import build
-from conftest import ROOT, make_corpus, make_documents, run_prepare, source_root, write_shard
+from conftest import ROOT, build, fails_in_one_line, make_corpus, make_documents, run_prepare, source_root, write_shard
 from reference_loader import reference_rows
 
 # ---------------------------------------------------------------------------
@@ -66,11 +65,19 @@ def test_missing_tokenizer_says_what_to_run(tmp_path, harness):
 # ---------------------------------------------------------------------------
 
 
+def never(what):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} was called")
+    return fail
+
+
 @pytest.mark.parametrize("split", ["train", "val"])
 @pytest.mark.parametrize("cached", [True, False], ids=["token-cache", "tokenize-on-the-fly"])
-def test_loader_matches_direct_best_fit(harness, split, cached):
+def test_loader_matches_direct_best_fit(harness, monkeypatch, split, cached):
     tok = harness.Tokenizer.from_directory()
-    if not cached:
+    if cached:   # every document from the token cache prepare.py wrote: no shard is tokenized here
+        monkeypatch.setattr(harness, "tokenize_shard", never("tokenize_shard"))
+    else:
         tok.id = None   # no token cache for this tokenizer: the loader tokenizes the parquet files itself
     B, T, n_batches = 8, 64, 250
     loader = harness.make_dataloader(tok, B, T, split, device="cpu")
@@ -79,11 +86,12 @@ def test_loader_matches_direct_best_fit(harness, split, cached):
     assert got.tolist() == expected
 
 
-def test_validation_rows_are_cached_and_equal_to_packing(harness):
+def test_validation_rows_are_cached_and_equal_to_packing(harness, monkeypatch):
     tok = harness.Tokenizer.from_directory()
     rows = harness.validation_rows(tok, 64, 50)
     assert rows.tolist() == reference_rows(harness.list_shards("val"), tok, 64, 50)
     assert build.read_record(build.tokens_dir(tok) / "val_rows_T64_N50.npy")["made_from"]["rows"] == 50
+    monkeypatch.setattr(harness, "_BestFitPacker", never("packing"))   # the second time: read from the cache
     assert harness.validation_rows(tok, 64, 50).tolist() == rows.tolist()
 
 
@@ -200,6 +208,7 @@ def test_logits_of_the_wrong_shape_are_refused(harness):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_source_builds_cache_and_rerun_is_a_no_op(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -236,8 +245,7 @@ def test_bad_source_fails_with_one_line_and_writes_nothing(tmp_path, problem, me
         for p in list(corpus.iterdir())[1:]:
             p.unlink()
     result = run_prepare(tmp_path / "cache", "--source", str(corpus))
-    assert result.returncode == 1
-    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    fails_in_one_line(result, message)
     root = source_root(tmp_path / "cache", corpus)
     assert not list((tmp_path / "cache").rglob("*.parquet")) and not (root / "tokenizer").exists()
 
@@ -258,6 +266,7 @@ def tree(directory):
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(directory).rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_the_suite_never_touches_the_users_cache(tmp_path):
     """Run cache-writing tests with the user's variables exported: the directories they name stay byte-identical."""
     user = tmp_path / "user"
@@ -270,12 +279,11 @@ def test_the_suite_never_touches_the_users_cache(tmp_path):
     (user / "hf" / "token").write_text("hf_user_token")
     before = tree(user)
     env = {**os.environ, "AUTORESEARCH_CACHE": str(user / "cache"), "AUTORESEARCH_DATASET": str(user / "stories"),
-           "HF_HOME": str(user / "hf"), "OMP_NUM_THREADS": "1"}
-    tests = ["tests/test_download.py::test_download_builds_the_cache_and_a_rerun_fetches_nothing",
-             "tests/test_prepare.py::test_tokenizer_is_stored_as_data_not_pickle",
-             "tests/test_dataset.py::test_conflicting_arguments_are_refused"]
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
+           "HF_HOME": str(user / "hf")}
+    tests = ["tests/test_download.py::test_download_builds_the_cache_and_a_rerun_fetches_nothing",   # cache, hub
+             "tests/test_dataset.py::test_conflicting_arguments_are_refused"]   # prepare's own CLI, in-process
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", *tests],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
     assert tree(user) == before
 
@@ -286,9 +294,7 @@ def test_source_inside_the_cache_is_refused_and_deletes_nothing(tmp_path, inside
     make_corpus(cache / "data", n_train_shards=2, docs_per_shard=50)   # a cache as prepare.py laid it out before
     before = tree(cache)
     result = run_prepare(cache, "--source", str(cache / inside))
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "is inside the cache" in lines[0]
+    fails_in_one_line(result, "is inside the cache")
     assert tree(cache) == before
 
 # ---------------------------------------------------------------------------
@@ -347,6 +353,7 @@ def apply_fault(fault, root, tokens):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["tokenizer_edited", "token_bytes_doubled", "token_file_out_of_range",
                                    "val_rows_truncated", "val_shard_replaced"])
 def test_a_damaged_cache_is_refused_by_train_and_repaired_by_prepare(tiny_cache, tmp_path, fault):
@@ -356,7 +363,7 @@ def test_a_damaged_cache_is_refused_by_train_and_repaired_by_prepare(tiny_cache,
     clean = tree(cache)
     tokens = next((root / "tokens").iterdir())
     path = apply_fault(fault, root, tokens)
-    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache)}
     start = subprocess.run([sys.executable, "-c", TRAIN_START], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
     if fault == "token_file_out_of_range":   # the run goes on, with the shard tokenized afresh, and says so
@@ -364,9 +371,7 @@ def test_a_damaged_cache_is_refused_by_train_and_repaired_by_prepare(tiny_cache,
         assert "max id" in start.stdout and int(start.stdout.split()[2]) < 8192
         assert "holds ids beyond the vocabulary" in start.stderr and path.name in start.stderr
     else:
-        assert start.returncode == 1
-        lines = start.stderr.strip().splitlines()
-        assert len(lines) == 1 and f"{path.name} does not match its record" in lines[0] and "prepare.py" in lines[0]
+        fails_in_one_line(start, f"{path.name} does not match its record", "prepare.py")
     result = run_prepare(cache, "--source", str(corpus))
     assert result.returncode == 0, result.stderr
     assert tree(cache) == clean   # byte for byte what the clean build wrote
@@ -383,12 +388,13 @@ def hold_lock(cache, kind):
     return fd
 
 
+@pytest.mark.slow
 def test_prepare_waits_while_a_run_reads_the_cache(tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_train_shards=2, docs_per_shard=400)
     cache = tmp_path / "cache"
     cache.mkdir()
     reader = hold_lock(cache, fcntl.LOCK_SH)
-    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--source", str(corpus)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -402,24 +408,24 @@ def test_prepare_waits_while_a_run_reads_the_cache(tmp_path):
     assert "tokenizer: trained 8192 tokens" in out
 
 
+@pytest.mark.slow
 def test_a_run_refuses_to_start_while_prepare_writes(tiny_cache, tmp_path):
     cache = shutil.copytree(tiny_cache, tmp_path / "cache")
     writer = hold_lock(cache, fcntl.LOCK_EX)
     try:
-        env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "AUTORESEARCH_CACHE": str(cache)}
         start = subprocess.run([sys.executable, "-c", TRAIN_START], cwd=ROOT, env=env, capture_output=True,
                                text=True, timeout=300)
     finally:
         os.close(writer)
-    assert start.returncode == 1
-    lines = start.stderr.strip().splitlines()
-    assert len(lines) == 1 and "a prepare.py is writing the cache" in lines[0]
+    fails_in_one_line(start, "a prepare.py is writing the cache")
 
 # ---------------------------------------------------------------------------
 # Failure paths: orphans, a full disk, an optional cache write, too many files
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_orphaned_temporary_files_are_removed_on_the_next_run(tiny_cache, tmp_path):
     cache = shutil.copytree(tiny_cache, tmp_path / "cache")
     corpus = tiny_cache.parent / "corpus"
@@ -442,9 +448,7 @@ def test_more_source_files_than_shard_names_is_refused(tmp_path):
     for i in range(6543):   # 6,542 training shard names + the validation shard: one file too many
         os.link(corpus / "doc.parquet", corpus / f"part-{i:05d}.parquet")
     result = run_prepare(tmp_path / "cache", "--source", str(corpus))
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "6543 training files, more than the 6542 shard names" in lines[0]
+    fails_in_one_line(result, "6543 training files, more than the 6542 shard names")
     assert not list((tmp_path / "cache").rglob("*.parquet"))
 
 
@@ -460,23 +464,23 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_file_and_the_space(small_disk, tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_train_shards=3, docs_per_shard=400)   # ~185 kB a shard
     result = run_prepare(small_disk / "cache", "--source", str(corpus))
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no space left on the device for " in lines[0]
-    assert re.search(r"/shard_\d{5}\.parquet \(0\.\d MB needed, 0\.\d MB free\): free some space", lines[0])
+    line = fails_in_one_line(result, "no space left on the device for ")
+    assert re.search(r"/shard_\d{5}\.parquet \(0\.\d MB needed, 0\.\d MB free\): free some space", line)
     assert not list((small_disk / "cache").rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_failing_to_cache_the_validation_rows_never_stops_a_run(tiny_cache, tmp_path):
     cache = shutil.copytree(tiny_cache, tmp_path / "cache")
     tokens = next((active_root(cache) / "tokens").iterdir())
     shutil.rmtree(tokens)
     tokens.write_text("a file where the token cache's directory should be")   # no cache file can be written there
     code = TRAIN_START + "print('rows', prepare.validation_rows(tok, 64, 7).shape)\n"
-    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache)}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr

@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import build
 import prepare
+from conftest import build, fails_in_one_line, one_line, toy_train_py
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "train.py"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def load_train_definitions():
@@ -43,20 +42,13 @@ def tr():
     return load_train_definitions()
 
 
-def toy_copy(directory, **edits):
-    """train.py at the smoke run's toy size (build.smoke_script), with a few more hyperparameter lines edited."""
-    path = Path(directory) / "train.py"
-    path.write_text(build.smoke_script(TRAIN.read_text(), **edits))
-    return path
-
-
 STEP_BUDGET = 3  # timed steps of a toy run: its outcome depends on the seed, never on the machine's speed
 
 
 def subprocess_env(cache, **extra):
-    """One torch thread, the CPU path even on a GPU machine, the given cache; no step budget unless given."""
+    """The CPU path even on a GPU machine, the given cache; no step budget unless given (one thread: conftest)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "HF_"))}
-    return {**env, "AUTORESEARCH_CACHE": str(cache), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+    return {**env, "AUTORESEARCH_CACHE": str(cache), "PYTHONPATH": str(ROOT),
             "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
@@ -240,16 +232,6 @@ def test_muon_matches_plain_reference(tr):
             torch.testing.assert_close(p.data, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_muon_step_is_deterministic(tr):
-    shapes = [((64, 32), 3), ((32, 64), 2)]
-    runs = []
-    for _ in range(2):
-        params, opt = make_muon(tr, shapes)
-        runs.append(muon_steps(tr, opt, params, steps=3))
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
-    assert all(torch.isfinite(a).all() for a in runs[0])
-
-
 def test_changing_hyperparameters_does_not_recompile(tr):
     from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()
@@ -294,11 +276,11 @@ def check_attention(attention, window, T, device, atol):
 @pytest.mark.parametrize("window", [64, 63, 16, 1, 0])
 def test_fallback_attention_matches_masked_softmax(window):
     attention = prepare.load_attention(torch.device("cpu"), 16, [window], 64)
-    assert attention.kernel is None and attention.path == "sdpa-cpu"
+    assert attention.path == "sdpa-cpu"
     check_attention(attention, window, T=64, device="cpu", atol=1e-5)
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("window", [256, 128, 100])
 def test_flex_attention_matches_masked_softmax_on_gpu(window):
     check_attention(prepare.Attention(None, "flex+sdpa", ""), window, T=256, device="cuda", atol=1e-3)
@@ -334,7 +316,7 @@ def closed_port():
         return s.getsockname()[1]   # nothing listens there once the socket is closed
 
 
-FETCH = ("import build, prepare, sys; prepare.FA3_REVISIONS[prepare.FA3_REPO_HOPPER] = sys.argv[1]; "
+FETCH = ("import sys, build, prepare; prepare.FA3_REVISIONS[prepare.FA3_REPO_HOPPER] = sys.argv[1]; "
          "kernel, why = build.fetch_flash_attention_3(prepare.FA3_REPO_HOPPER); print(kernel, why, sep='|')")
 
 
@@ -375,7 +357,7 @@ def test_hub_client_transport_errors_count_as_offline():
 
 def test_fa3_pins_are_commits_not_branches():
     assert set(prepare.FA3_REVISIONS) == {prepare.FA3_REPO_HOPPER, prepare.FA3_REPO_OTHER}
-    for repo, pin in prepare.FA3_REVISIONS.items():   # "" = not pinned yet (README: how to pin)
+    for repo, pin in prepare.FA3_REVISIONS.items():   # "" = not pinned yet (docs/gpu.md: how to pin)
         assert pin == "" or re.fullmatch(r"[0-9a-f]{40}", pin), f"{repo}: {pin!r} is not a full commit sha"
 
 
@@ -410,35 +392,7 @@ def test_tiny_model_is_causal_and_learns(tr):
     assert torch.allclose(model(probe)[:, :20], logits[:, :20], atol=1e-5)
 
 # ---------------------------------------------------------------------------
-# Fitting the GPU: a smaller device batch with more accumulation is the same optimisation
-
-
-def test_gradient_accumulation_gives_the_same_step(tr, harness):
-    tok = harness.Tokenizer.from_directory()
-    T, B = 64, 8
-    config = tr.GPTConfig(sequence_len=T, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                          n_embd=64, window_pattern="SL")
-    held_out = next(harness.make_dataloader(tok, B, T, "val", device="cpu"))
-
-    def loss_after_one_step(device_batch, split="train"):
-        torch.manual_seed(0)
-        model = tr.GPT(config)
-        model.init_weights()
-        optimizer = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, weight_decay=0.2,
-                                          adam_betas=(0.8, 0.95), scalar_lr=0.5)
-        loader = harness.make_dataloader(tok, device_batch, T, split, device="cpu")
-        accum = B // device_batch
-        for _ in range(accum):  # the loop of train.py: the loss of each micro-step scaled by 1 / accum
-            x, y, _ = next(loader)
-            (model(x, y) / accum).backward()
-        optimizer.step()
-        with torch.no_grad():
-            return model(held_out[0], held_out[1]).item()
-
-    full, quarter = loss_after_one_step(B), loss_after_one_step(B // 4)
-    other_data = loss_after_one_step(B, split="val")
-    assert quarter == pytest.approx(full, rel=1e-4)
-    assert abs(other_data - full) > 100 * abs(quarter - full)   # the comparison can tell steps apart
+# Fitting the GPU: the device batch halves until it fits (in train.py's own run: the smoke run below)
 
 
 class Greedy(torch.nn.Module):
@@ -461,29 +415,15 @@ class Greedy(torch.nn.Module):
                                    RuntimeError("NVML_SUCCESS == r INTERNAL ASSERT FAILED: out of memory")])
 def test_every_out_of_memory_variant_halves_the_device_batch(harness, error, capsys):
     assert harness.fit_device_batch(Greedy(error), 8, 16, nullcontext()) == 2
-    assert "DEVICE_BATCH_SIZE = 4 runs out of GPU memory: using 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "DEVICE_BATCH_SIZE = 8 runs out of GPU memory: using 4" in out
+    assert "DEVICE_BATCH_SIZE = 4 runs out of GPU memory: using 2" in out
 
 
 def test_other_errors_are_not_taken_for_out_of_memory(harness):
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
         harness.fit_device_batch(Greedy(RuntimeError("mat1 and mat2 shapes cannot be multiplied")), 8, 16, nullcontext())
 
-
-def test_out_of_memory_halves_the_device_batch(tmp_path, tiny_cache):
-    path = toy_copy(tmp_path, DEVICE_BATCH_SIZE="8", TOTAL_BATCH_SIZE=f"8 * {build.SMOKE_SEQ_LEN} * 2")
-    src = path.read_text()
-    forward = '    def forward(self, idx, targets=None, reduction="mean"):\n'
-    assert src.count(forward) == 1
-    # a GPU that holds at most 2 sequences per micro-step
-    path.write_text(src.replace(forward, forward + '        if idx.size(0) > 2:\n'
-                                '            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")\n'))
-    code, log = run_script(path, tiny_cache, tmp_path / "run.log")
-    text = log.decode()
-    assert code == 0, text[-3000:]
-    assert "DEVICE_BATCH_SIZE = 8 runs out of GPU memory: using 4" in text
-    assert "DEVICE_BATCH_SIZE = 4 runs out of GPU memory: using 2" in text
-    assert f"8 micro-steps of 2 x {build.SMOKE_SEQ_LEN} tokens per step" in text   # TOTAL_BATCH_SIZE unchanged
-    assert re.search(r"^val_bpb:\s+\d+\.\d{6}$", text, re.M)
 
 # ---------------------------------------------------------------------------
 # One compile for training, one for evaluation; evaluation holds one batch of logits at a time
@@ -585,6 +525,7 @@ def test_allocator_setting_is_set_on_import_unless_the_user_set_one(tmp_path, us
     assert TRAIN.read_text().index("from prepare import") < TRAIN.read_text().index("torch.cuda")  # before CUDA
 
 
+@pytest.mark.slow
 def test_without_a_gpu_train_py_refuses_in_one_line_and_allocates_nothing_big(tmp_path):
     """The unmodified train.py, no step budget, no GPU: it stops before reading data or building the model."""
     env = subprocess_env(tmp_path / "empty-cache")  # not even a cache: the GPU is checked first
@@ -601,17 +542,15 @@ def test_without_a_gpu_train_py_refuses_in_one_line_and_allocates_nothing_big(tm
     out, err = out.read_text(), err.read_text()
     assert os.waitstatus_to_exitcode(status) == 1, out + err
     assert usage.ru_maxrss < 2 * 1024**2  # KiB: importing torch, no model (on main the CPU run reached 22.9 GB)
-    assert err.strip().splitlines() == [err.strip()]  # one line
-    assert "no CUDA GPU found" in err and "uv run prepare.py --smoke" in err
+    line = one_line(err)
+    assert "no CUDA GPU found" in line and "uv run prepare.py --smoke" in line
     assert "Traceback" not in err and not out.strip()
 
 
 def test_smoke_without_a_prepared_cache_says_to_prepare(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--smoke"], cwd=ROOT, text=True,
                           env=subprocess_env(tmp_path / "empty-cache"), capture_output=True, timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert "needs a prepared cache" in proc.stderr and "run `uv run prepare.py`" in proc.stderr
+    fails_in_one_line(proc, "needs a prepared cache", "run `uv run prepare.py`")
 
 # ---------------------------------------------------------------------------
 # The smoke run, and the script's fast fail (subprocesses against the tiny cache)
@@ -632,25 +571,46 @@ def read_summary(lines):
     return summary
 
 
-def test_smoke_run_trains_the_current_train_py_through_the_harness(tmp_path, tiny_cache, harness, monkeypatch):
-    """`prepare.py --smoke > run.log` beside an edited train.py: that train.py, at toy size, to its summary block."""
+# The agent's edit, in the one smoke run below: a GPU that holds at most 2 sequences per micro-step, and the
+# gradients of the first step saved with the weights they were taken at
+FORWARD = '    def forward(self, idx, targets=None, reduction="mean"):\n'
+AT_MOST_2 = ('        if idx.size(0) > 2:\n'
+             '            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")\n')
+STEP = "    optimizer.step()\n"
+SAVE_FIRST_STEP = ('    if step == 0:\n'
+                   '        torch.save(dict(config=vars(model.config), weights=model.state_dict(),\n'
+                   '                        grads={n: p.grad for n, p in model.named_parameters()}), "first_step.pt")\n')
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, tiny_cache):
+    """`prepare.py --smoke > run.log` beside a train.py with the agent's edit: that train.py, at toy size, to its
+    summary block. One run, read by the three tests below."""
+    directory = tmp_path_factory.mktemp("smoke")
     for name in ("prepare.py", "build.py", "train.py"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    edited = (tmp_path / "train.py").read_text().replace("\nt_start = time.time()\n",
-                                                         '\nprint("an edit of the agent")\nt_start = time.time()\n')
-    (tmp_path / "train.py").write_text(edited)
+        shutil.copy(ROOT / name, directory / name)
+    src = (directory / "train.py").read_text()
+    assert src.count(FORWARD) == 1 and src.count(STEP) == 1
+    (directory / "train.py").write_text(src.replace(FORWARD, FORWARD + AT_MOST_2).replace(STEP, SAVE_FIRST_STEP + STEP))
     env = subprocess_env(tiny_cache)
     env.pop("PYTHONPATH")
-    with open(tmp_path / "run.log", "wb") as log:
-        code = subprocess.run([sys.executable, str(tmp_path / "prepare.py"), "--smoke"], cwd=tmp_path, env=env,
+    with open(directory / "run.log", "wb") as log:
+        code = subprocess.run([sys.executable, str(directory / "prepare.py"), "--smoke"], cwd=directory, env=env,
                               stdout=log, stderr=subprocess.STDOUT, timeout=400).returncode
-    raw = (tmp_path / "run.log").read_bytes()
+    raw = (directory / "run.log").read_bytes()
+    assert code == 0, raw.decode()[-3000:]
+    return directory, raw
+
+
+@pytest.mark.slow
+def test_smoke_run_trains_the_current_train_py_through_the_harness(smoke_run, tiny_cache, harness, monkeypatch):
+    directory, raw = smoke_run
     text = raw.decode()
-    assert code == 0, text[-3000:]
     assert b"\r" not in raw  # redirected: ordinary lines, no in-place progress line
     lines = text.splitlines()
-    assert lines[0].startswith(f"smoke: {tmp_path / 'train.py'} at toy size")
-    assert "an edit of the agent" in lines and lines[2].startswith("device: cpu") and lines[3].startswith("attention: ")
+    assert lines[0].startswith(f"smoke: {directory / 'train.py'} at toy size")
+    assert lines[1].startswith("device: cpu") and lines[2].startswith("attention: ")
+    assert "DEVICE_BATCH_SIZE = 4 runs out of GPU memory: using 2" in text   # the edited train.py ran
     assert any(line.startswith("step 00000 ") for line in lines)
     summary = read_summary(lines)
     assert summary["depth"] == str(build.SMOKE_SIZE["DEPTH"]) and summary["attention"] == "sdpa-cpu"
@@ -659,10 +619,9 @@ def test_smoke_run_trains_the_current_train_py_through_the_harness(tmp_path, tin
     steps = int(summary["num_steps"])
     assert steps == prepare.UNTIMED_STEPS + build.SMOKE_STEPS  # the untimed warm-up steps, then the step budget
     assert f"budget: {build.SMOKE_STEPS} timed steps" in text
-    assert float(summary["total_tokens_M"]) == pytest.approx(round(steps * build.SMOKE_SIZE["TOTAL_BATCH_SIZE"] / 1e6, 1))
 
     # program.md's grep finds it, and the model beats the uniform distribution's bits per byte on the same rows
-    grep = subprocess.run(["grep", "^val_bpb:", str(tmp_path / "run.log")], capture_output=True, text=True)
+    grep = subprocess.run(["grep", "^val_bpb:", str(directory / "run.log")], capture_output=True, text=True)
     val_bpb = float(grep.stdout.split()[1])
     monkeypatch.setattr(harness, "MAX_SEQ_LEN", build.SMOKE_SEQ_LEN)
     monkeypatch.setattr(harness, "EVAL_TOKENS", build.SMOKE_EVAL_TOKENS)
@@ -680,8 +639,33 @@ def test_smoke_run_trains_the_current_train_py_through_the_harness(tmp_path, tin
     assert val_bpb < 0.95 * uniform_bpb, (val_bpb, uniform_bpb)
 
 
+@pytest.mark.slow
+def test_out_of_memory_halves_the_device_batch_and_keeps_the_tokens_per_step(smoke_run):
+    text = smoke_run[1].decode()
+    total = build.SMOKE_SIZE["TOTAL_BATCH_SIZE"]
+    assert "DEVICE_BATCH_SIZE = 4 runs out of GPU memory: using 2" in text
+    assert f"{total // (2 * build.SMOKE_SEQ_LEN)} micro-steps of 2 x {build.SMOKE_SEQ_LEN} tokens per step" in text
+    summary = read_summary(text.splitlines())
+    assert float(summary["total_tokens_M"]) == pytest.approx(round(int(summary["num_steps"]) * total / 1e6, 1))
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_step(smoke_run, tr, harness):
+    """train.py's first step, in 2-sequence micro-steps, against one backward over all of the step's sequences."""
+    first = torch.load(smoke_run[0] / "first_step.pt")
+    model = tr.GPT(tr.GPTConfig(**first["config"]))
+    model.load_state_dict(first["weights"])
+    tok = harness.Tokenizer.from_directory()
+    n_rows = build.SMOKE_SIZE["TOTAL_BATCH_SIZE"] // build.SMOKE_SEQ_LEN   # the rows the loader gave, in order
+    x, y, _ = next(harness.make_dataloader(tok, n_rows, build.SMOKE_SEQ_LEN, "train", device="cpu"))
+    model(x, y).backward()   # the mean loss over the whole step: what the micro-steps must add up to
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(first["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.slow
 def test_nan_loss_prints_fail_and_exits_1(tmp_path, tiny_cache):
-    path = toy_copy(tmp_path, MATRIX_LR='float("nan")')  # a bad edit: every update is NaN
+    path = toy_train_py(tmp_path, MATRIX_LR='float("nan")')  # a bad edit: every update is NaN
     code, log = run_script(path, tiny_cache, tmp_path / "run.log")
     text = log.decode()
     assert code == 1, text[-2000:]
