@@ -2,7 +2,6 @@
 
 import os
 import socket
-import time
 
 import pytest
 
@@ -86,11 +85,12 @@ def test_unreachable_endpoint_fails_fast_naming_the_ways_out(tmp_path):
     with socket.socket() as s:   # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    start = time.monotonic()
     result = prepare(tmp_path / "cache", hub_env(f"http://127.0.0.1:{port}", tmp_path / "hf"))
-    elapsed = time.monotonic() - start
-    fails_in_one_line(result, "HF_ENDPOINT", "--source")
-    assert elapsed < 20   # the hub client alone retries for ~24 s before it gives up
+    line = fails_in_one_line(result, "HF_ENDPOINT", "--source", "Connection refused")
+    # Fast, shown without timing it: the line comes from prepare.py's own connection attempt, before any shard is
+    # requested (a failed request would name its shard), and the one line on stderr holds none of the warnings
+    # the hub client prints for each of its retries (~24 s of them)
+    assert "shard_" not in line
     assert not (tmp_path / "cache" / "tokenizer").exists()
 
 
