@@ -154,8 +154,9 @@ def test_unreachable_hub_dataset_fails_with_one_line_naming_the_ways_out(tmp_pat
     (["--dataset", "karpathy/climbmix-400b-shuffle"], "is the default dataset: run `uv run prepare.py`"),
 ])
 def test_conflicting_arguments_are_refused(monkeypatch, capsys, tmp_path, args, message):
+    import prepare
     for name in ("CACHE_DIR", "DATA_DIR", "TOKENIZER_DIR"):   # restored after the test, whatever main() sets
-        monkeypatch.setattr(build, name, tmp_path)
+        monkeypatch.setattr(prepare, name, tmp_path)
     with pytest.raises(SystemExit) as exit:
         build.main(args)
     assert exit.value.code != 0 and message in capsys.readouterr().err + str(exit.value.code)
