@@ -578,6 +578,7 @@ def convert_dataset(name, column="text", data_dir=None):
     if not Path(name).is_dir():
         _check_reachable(name)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ["USE_TORCH"] = "0"   # datasets would import torch (~4 s) for tensor formats a conversion never uses
     import datasets
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)   # its errors reach the user in our one line

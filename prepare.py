@@ -206,8 +206,9 @@ def _document_batches(tokenizer, split):
     while True:
         for path in paths:
             try:
-                cached = cached_tokens(path, tokenizer, full=split == "val")   # None: not in the token cache
-                tokens, offsets, batches = cached if cached is not None else tokenize_shard(path, tokenizer)
+                if epoch == 1 or len(paths) > 1:   # a one-shard split (validation) is read once, not on every pass
+                    cached = cached_tokens(path, tokenizer, full=split == "val")   # None: not in the token cache
+                    tokens, offsets, batches = cached if cached is not None else tokenize_shard(path, tokenizer)
             except (OSError, ValueError) as e:   # pyarrow raises ArrowInvalid (a ValueError) on corrupt data
                 raise HarnessError(f"cannot read {path} ({e}): delete it and run `uv run prepare.py` again") from None
             for b0, b1 in zip(batches[:-1].tolist(), batches[1:].tolist()):
