@@ -289,18 +289,30 @@ def _network_hint(repo=DATASET_REPO):
             f"`uv run prepare.py --source DIR`")
 
 
-def _check_reachable(repo=DATASET_REPO, timeout=5.0):
-    """Fail in seconds, not after the hub client's minute of retries, when the endpoint cannot be reached."""
+def first_line(e):
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _connect_error(endpoint, timeout):
+    """Why one TCP connection to the endpoint fails (seconds, where the hub client retries for a minute), or None."""
     import socket
     from urllib.parse import urlsplit
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        raise HarnessError(f"{_network_hint(repo)} (HF_HUB_OFFLINE is set and shards are missing)")
-    url = urlsplit(constants.ENDPOINT)
+    url = urlsplit(endpoint)
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
     except OSError as e:
-        raise HarnessError(f"{_network_hint(repo)} ({e})") from None
+        return str(e)
+    return None
+
+
+def _check_reachable(repo=DATASET_REPO):
+    """Fail in seconds, not after the hub client's minute of retries, when the endpoint cannot be reached."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        raise HarnessError(f"{_network_hint(repo)} (HF_HUB_OFFLINE is set and shards are missing)")
+    error = _connect_error(constants.ENDPOINT, timeout=5.0)
+    if error:
+        raise HarnessError(f"{_network_hint(repo)} ({error})")
 
 
 # A transfer that receives less than STALL_BYTES in STALL_SECONDS fails (the hub client alone waits ~6.5 minutes
@@ -500,10 +512,6 @@ def copy_source(source, data_dir=None):
     return len(train), val.name, copied
 
 
-def _one_line(e):
-    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
-
-
 def _texts(rows, name, column):
     """The non-empty strings of one column of a streamed split; a missing column fails naming those there are."""
     def missing(columns):
@@ -585,8 +593,9 @@ def convert_dataset(name, column="text", data_dir=None):
     try:
         splits = datasets.load_dataset(name, streaming=True)
     except Exception as e:
-        raise HarnessError(f"cannot load dataset {name} ({_one_line(e)}): check the name; for the hub set HF_ENDPOINT "
-                           f"(and HF_TOKEN if it needs one), or use local parquet files with --source DIR") from None
+        raise HarnessError(f"cannot load dataset {name} ({first_line(e)[:300]}): check the name; for the hub set "
+                           f"HF_ENDPOINT (and HF_TOKEN if it needs one), or use local parquet files with --source DIR"
+                           ) from None
     train = "train" if "train" in splits else next(iter(splits)) if len(splits) == 1 else None
     if train is None:
         raise HarnessError(f"{name} has no 'train' split (splits: {', '.join(splits)})")
@@ -609,7 +618,7 @@ def convert_dataset(name, column="text", data_dir=None):
             _write_docs(staging / shard_name(n_shards - 1), chunk, made_from)
             n_docs += len(chunk)
     except Exception as e:
-        raise HarnessError(f"reading {name} failed ({_one_line(e)}); nothing was kept: fix the cause and "
+        raise HarnessError(f"reading {name} failed ({first_line(e)[:300]}); nothing was kept: fix the cause and "
                            f"run the same command again") from None
     if n_shards == 0:
         shutil.rmtree(staging)
@@ -800,22 +809,12 @@ def fallback_attention(q, k, v, window):
     return y.transpose(1, 2)
 
 
-def first_line(e):
-    return " ".join(f"{type(e).__name__}: {e}".split())
-
-
-def _hub_unreachable(endpoint, timeout=3.0):
-    """Why the hub cannot be reached (one TCP connection, seconds), or None; the hub client would retry for 30 s."""
-    import socket
-    from urllib.parse import urlsplit
+def _hub_unreachable(endpoint):
+    """Why the hub cannot be reached, or None; through a proxy a direct connection says nothing, so None."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
-        return None   # through a proxy a direct connection says nothing
-    url = urlsplit(endpoint)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-    except OSError as e:
-        return f"cannot reach {endpoint} ({e})"
-    return None
+        return None
+    error = _connect_error(endpoint, timeout=3.0)
+    return error and f"cannot reach {endpoint} ({error})"
 
 
 def _is_offline(e):

@@ -47,8 +47,8 @@ def _isolate_environment():
 
 _isolate_environment()
 
-# The build-time half of the harness (the CLI, conversions, the smoke run's toy size, fetching FA3): tests name it
-# through this alias only
+# The rest of the harness (the CLI, conversions, the records, the smoke run's toy size, the attention kernels):
+# imported once the environment above is isolated
 import build   # noqa: E402
 
 
