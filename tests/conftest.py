@@ -52,10 +52,16 @@ _isolate_environment()
 import build   # noqa: E402
 
 
+# pytest-xdist hands out whole modules (`--dist loadscope --no-loadscope-reorder`), in this order: the longest
+# first (the Ray cluster's, the scripted night, the cache faults, the smoke run; by `--durations`), so that no worker
+# is left running a long module alone at the end. Modules not named here go last.
+LONGEST_FIRST = ["test_parallel", "test_program", "test_prepare", "test_train", "test_dataset", "test_download",
+                 "test_gpu_check", "test_analysis"]
+
+
 def pytest_collection_modifyitems(items):
-    """The scripted night first: with pytest-xdist it keeps one worker busy for a minute while the others run the
-    rest of the suite, instead of starting last and running alone."""
-    items.sort(key=lambda item: item.module.__name__ != "test_program")
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))
 
 
 def pytest_runtest_setup(item):
