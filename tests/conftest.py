@@ -62,6 +62,9 @@ LONGEST_FIRST = ["test_parallel", "test_program", "test_prepare", "test_train", 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))
+    for item in items:
+        if item.get_closest_marker("ray"):   # a Ray test starts a cluster and runs toy nights: an end-to-end run
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_runtest_setup(item):

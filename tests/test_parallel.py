@@ -24,8 +24,6 @@ import pytest
 
 from test_program import make_repo, set_constants
 
-pytestmark = pytest.mark.slow   # every test here starts a Ray cluster and runs toy nights on it, end to end
-
 ROOT = Path(__file__).resolve().parent.parent
 UPPER_BOUND = 900          # seconds: only a guard against a hang, never a decision
 HANG_LIMIT = 20            # the hanging run's time limit (`timeout 600` in real use)
