@@ -466,12 +466,13 @@ class LiveLogits(torch.nn.Module):
 
     def __init__(self, vocab_size):
         super().__init__()
-        self.table = torch.nn.Embedding(vocab_size, vocab_size)
+        self.embed = torch.nn.Embedding(vocab_size, 16)   # rank 16: a full V x V table takes a second to initialise
+        self.unembed = torch.nn.Linear(16, vocab_size)
         self.outputs, self.alive_at_call = [], []
 
     def forward(self, idx):
         self.alive_at_call.append(sum(ref() is not None for ref in self.outputs))
-        logits = self.table(idx).float()
+        logits = self.unembed(self.embed(idx)).float()
         self.outputs.append(weakref.ref(logits))
         return logits
 
