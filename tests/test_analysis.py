@@ -44,9 +44,19 @@ def results(tmp_path):
     return path
 
 
-def test_json_known_answers(results):
-    proc = run(results, "--json")
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """`analysis.py results.tsv --json` as a user runs it (umask 022), once for the three tests that read it."""
+    results = tmp_path_factory.mktemp("report") / "results.tsv"
+    results.write_text(HEADER + ROWS, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(ROOT / "analysis.py"), str(results), "--json"], capture_output=True,
+                          text=True, timeout=120, preexec_fn=lambda: os.umask(0o022))
     assert proc.returncode == 0, proc.stderr
+    return results, proc
+
+
+def test_json_known_answers(report):
+    results, proc = report
     s = json.loads(proc.stdout)
     assert (s["experiments"], s["kept"], s["discarded"], s["crashed"]) == (4, 2, 1, 1)
     assert s["reruns"] == 3
@@ -68,9 +78,8 @@ def test_json_known_answers(results):
     assert Path(s["png"]) == results.with_name("progress.png")
 
 
-def test_png_is_written_next_to_results(results):
-    proc = run(results, "--json")
-    assert proc.returncode == 0, proc.stderr
+def test_png_is_written_next_to_results(report):
+    results = report[0]
     png = results.with_name("progress.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height, width, _ = matplotlib.image.imread(png).shape
@@ -312,11 +321,8 @@ def test_plot_axis_with_only_crashes(tmp_path, monkeypatch):
     assert analysis.main([str(tmp_path / "results.tsv")]) == 0
 
 
-def test_png_is_readable_by_others(results):
-    proc = subprocess.run([sys.executable, str(ROOT / "analysis.py"), str(results)], capture_output=True,
-                          text=True, timeout=120, preexec_fn=lambda: os.umask(0o022))
-    assert proc.returncode == 0, proc.stderr
-    assert stat.S_IMODE(results.with_name("progress.png").stat().st_mode) == 0o644
+def test_png_is_readable_by_others(report):
+    assert stat.S_IMODE(report[0].with_name("progress.png").stat().st_mode) == 0o644
 
 
 def test_missing_file(tmp_path):
