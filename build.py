@@ -915,7 +915,8 @@ def is_out_of_memory(e):
 
 SMOKE_SEQ_LEN = 128                      # MAX_SEQ_LEN of a smoke run
 SMOKE_EVAL_TOKENS = 16 * SMOKE_SEQ_LEN   # EVAL_TOKENS of a smoke run: 16 validation rows
-SMOKE_STEPS = 3                          # timed steps (AUTORESEARCH_STEP_BUDGET), after the UNTIMED_STEPS
+SMOKE_STEPS = 3                          # timed steps (AUTORESEARCH_STEP_BUDGET), after SMOKE_UNTIMED_STEPS
+SMOKE_UNTIMED_STEPS = 1                  # UNTIMED_STEPS of a smoke run: its timing is not comparable anyway
 SMOKE_SIZE = dict(DEPTH=2, ASPECT_RATIO=32, HEAD_DIM=64, DEVICE_BATCH_SIZE=4,   # train.py's lines replaced
                   TOTAL_BATCH_SIZE=2 * 4 * SMOKE_SEQ_LEN)                       # 2 micro-steps per step
 
@@ -923,14 +924,15 @@ SMOKE_SIZE = dict(DEPTH=2, ASPECT_RATIO=32, HEAD_DIM=64, DEVICE_BATCH_SIZE=4,   
 def smoke_script(src, seq_len=SMOKE_SEQ_LEN, eval_tokens=SMOKE_EVAL_TOKENS, **edits):
     """
     train.py's source at toy size: each line `NAME = ...` of SMOKE_SIZE (and of `edits`, which must exist)
-    replaced, and the harness's sequence length and evaluation size shrunk in that process only.
+    replaced, and the harness's sequence length, evaluation size and warm-up steps shrunk in that process only.
     """
     for name, value in {**SMOKE_SIZE, **edits}.items():
         src, n = re.subn(rf"^{name} = .*$", f"{name} = {value}", src, flags=re.M)
         if n != 1 and name in edits:
             raise HarnessError(f"train.py has no single line `{name} = ...` to set")
     shrink = (f"import prepare  # smoke run: the harness's constants shrunk in this process only\n"
-              f"prepare.MAX_SEQ_LEN = MAX_SEQ_LEN = {seq_len}\nprepare.EVAL_TOKENS = {eval_tokens}\n")
+              f"prepare.MAX_SEQ_LEN = MAX_SEQ_LEN = {seq_len}\nprepare.EVAL_TOKENS = {eval_tokens}\n"
+              f"prepare.UNTIMED_STEPS = UNTIMED_STEPS = {SMOKE_UNTIMED_STEPS}\n")
     src, n = re.subn(r"^from prepare import (\([^)]*\)|.*)$", lambda m: m.group(0) + "\n" + shrink, src,
                      count=1, flags=re.M)
     if n != 1:

@@ -618,8 +618,8 @@ def test_smoke_run_trains_the_current_train_py_through_the_harness(smoke_run, ti
     assert summary["mfu_percent"] == "unknown" and summary["peak_vram_mb"] == "0.0"
     assert summary["dataset"] == "local:" + str(tiny_cache.parent / "corpus")  # the tiny cache came from --source
     steps = int(summary["num_steps"])
-    assert steps == prepare.UNTIMED_STEPS + build.SMOKE_STEPS  # the untimed warm-up steps, then the step budget
-    assert f"budget: {build.SMOKE_STEPS} timed steps" in text
+    assert steps == build.SMOKE_UNTIMED_STEPS + build.SMOKE_STEPS  # the untimed warm-up steps, then the step budget
+    assert f"budget: {build.SMOKE_STEPS} timed steps" in text and f"after {build.SMOKE_UNTIMED_STEPS} untimed" in text
 
     # program.md's grep finds it, and the model beats the uniform distribution's bits per byte on the same rows
     grep = subprocess.run(["grep", "^val_bpb:", str(directory / "run.log")], capture_output=True, text=True)
