@@ -56,7 +56,7 @@ import build   # noqa: E402
 # first (the Ray cluster's, the scripted night, the cache faults, the smoke run; by `--durations`), so that no worker
 # is left running a long module alone at the end. Modules not named here go last.
 LONGEST_FIRST = ["test_parallel", "test_program", "test_prepare", "test_train", "test_dataset", "test_download",
-                 "test_gpu_check", "test_analysis"]
+                 "test_analysis", "test_gpu_check"]
 
 
 def pytest_collection_modifyitems(items):
