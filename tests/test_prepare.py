@@ -485,15 +485,17 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_space(small_disk, tmp_p
     assert not list((small_disk / "cache").rglob("*.tmp"))
 
 
-@pytest.mark.slow
-def test_failing_to_cache_the_validation_rows_never_stops_a_run(tiny_cache, tmp_path):
-    cache = shutil.copytree(tiny_cache, tmp_path / "cache")
-    tokens = next((active_root(cache) / "tokens").iterdir())
+def test_failing_to_cache_the_validation_rows_never_stops_a_run(harness, tmp_path, monkeypatch, capsys):
+    """train.py's start-up (TRAIN_START), in this process, on a copy of the cache where no cache file can be written."""
+    cache = shutil.copytree(harness.CACHE_DIR, tmp_path / "cache")
+    root = active_root(cache)
+    for name, path in (("CACHE_DIR", cache), ("DATA_DIR", root / "data"), ("TOKENIZER_DIR", root / "tokenizer")):
+        monkeypatch.setattr(harness, name, path)
+    tokens = next((root / "tokens").iterdir())
     shutil.rmtree(tokens)
-    tokens.write_text("a file where the token cache's directory should be")   # no cache file can be written there
-    code = TRAIN_START + "print('rows', prepare.validation_rows(tok, 64, 7).shape)\n"
-    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache)}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "rows (7, 65)" in result.stdout and "note: the validation rows are not cached" in result.stdout
+    tokens.write_text("a file where the token cache's directory should be")
+    tok = harness.Tokenizer.from_directory()
+    harness.get_token_bytes()
+    next(harness.make_dataloader(tok, 4, 64, "train", device="cpu"))
+    assert harness.validation_rows(tok, 64, 7).shape == (7, 65)
+    assert "note: the validation rows are not cached" in capsys.readouterr().out
