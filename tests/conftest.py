@@ -97,27 +97,30 @@ def toy_train_py(directory, **edits):
     return path
 
 
+SYLLABLES = [a + b for a in "bcdfghjklmnprstvwz" for b in ("a", "e", "i", "o", "u", "ou", "ee", "ai")]
+EXTRAS = ["你好", "世界", "東京", "数据", "über", "naïve", "café", "Ωmega"]
+_drawn = {}   # seed -> (its generator, the documents drawn from it so far): the same corpora recur across tests
+
+
 def make_documents(n_docs, seed):
-    """Word salad over a fixed syllable inventory, with digits, punctuation, code-ish lines and some CJK."""
-    rng = random.Random(seed)
-    syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in ("a", "e", "i", "o", "u", "ou", "ee", "ai")]
-    extras = ["你好", "世界", "東京", "数据", "über", "naïve", "café", "Ωmega"]
-    docs = []
-    for _ in range(n_docs):
+    """Word salad over a fixed syllable inventory, with digits, punctuation, code-ish lines and some CJK. The first
+    n documents of a seed's stream, each drawn once per test process (~1 ms a document)."""
+    rng, docs = _drawn.setdefault(seed, (random.Random(seed), []))
+    while len(docs) < n_docs:
         words = []
         for _ in range(max(3, int(rng.lognormvariate(4.5, 0.9)))):
             r = rng.random()
             if r < 0.06:
                 words.append(str(rng.randint(0, 99999)))
             elif r < 0.08:
-                words.append(rng.choice(extras))
+                words.append(rng.choice(EXTRAS))
             else:
-                w = "".join(rng.choice(syllables) for _ in range(rng.randint(1, 4)))
+                w = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4)))
                 words.append(w.capitalize() if rng.random() < 0.1 else w)
             if rng.random() < 0.08:
                 words[-1] += rng.choice([".", ",", "!", "?", ";", ":", "\n", "()", " = 1"])
         docs.append(" ".join(words))
-    return docs
+    return docs[:n_docs]
 
 
 def write_shard(path, docs, row_group_size=64):
