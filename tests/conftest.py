@@ -161,14 +161,19 @@ def tiny_cache(tmp_path_factory):
     return cache
 
 
+def point_harness_at(prepare, cache, monkeypatch):
+    """prepare.py's paths moved to a cache and its active dataset, in this process, for one test."""
+    monkeypatch.setattr(prepare, "CACHE_DIR", cache)
+    root = prepare.dataset_root(prepare.configured_dataset())   # e.g. the --source directory's own, made active
+    monkeypatch.setattr(prepare, "DATA_DIR", root / "data")
+    monkeypatch.setattr(prepare, "TOKENIZER_DIR", root / "tokenizer")
+
+
 @pytest.fixture
 def harness(tiny_cache, monkeypatch):
     """prepare.py pointed at the tiny cache, with the sequence length and eval size shrunk in-process."""
     import prepare
-    monkeypatch.setattr(prepare, "CACHE_DIR", tiny_cache)
-    root = prepare.dataset_root(prepare.configured_dataset())   # the --source directory's own, made active
-    monkeypatch.setattr(prepare, "DATA_DIR", root / "data")
-    monkeypatch.setattr(prepare, "TOKENIZER_DIR", root / "tokenizer")
+    point_harness_at(prepare, tiny_cache, monkeypatch)
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 64 * 20)
     return prepare

@@ -1,4 +1,5 @@
-"""tools/gpu_check.py on the CPU: its refusal without a GPU, its arguments, and the BENCHMARKS.md section it appends."""
+"""tools/gpu_check.py: its refusal without a GPU, its arguments and the BENCHMARKS.md section it appends (on the
+CPU); the graphs it counts (on a GPU)."""
 
 import datetime
 import os

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import ROOT, build, fails_in_one_line, make_corpus, make_documents, run_prepare, source_root, write_shard
+from conftest import (ROOT, build, fails_in_one_line, make_corpus, make_documents, point_harness_at, run_prepare,
+                      source_root, write_shard)
 from reference_loader import reference_rows
 
 # ---------------------------------------------------------------------------
@@ -487,11 +488,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_space(small_disk, tmp_p
 
 def test_failing_to_cache_the_validation_rows_never_stops_a_run(harness, tmp_path, monkeypatch, capsys):
     """train.py's start-up (TRAIN_START), in this process, on a copy of the cache where no cache file can be written."""
-    cache = shutil.copytree(harness.CACHE_DIR, tmp_path / "cache")
-    root = active_root(cache)
-    for name, path in (("CACHE_DIR", cache), ("DATA_DIR", root / "data"), ("TOKENIZER_DIR", root / "tokenizer")):
-        monkeypatch.setattr(harness, name, path)
-    tokens = next((root / "tokens").iterdir())
+    point_harness_at(harness, shutil.copytree(harness.CACHE_DIR, tmp_path / "cache"), monkeypatch)
+    tokens = next((harness.DATA_DIR.parent / "tokens").iterdir())
     shutil.rmtree(tokens)
     tokens.write_text("a file where the token cache's directory should be")
     tok = harness.Tokenizer.from_directory()
