@@ -23,7 +23,9 @@ import signal
 import sys
 from pathlib import Path
 
-HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
+from harness.formats import RESULTS_HEADER
+
+HEADER = list(RESULTS_HEADER)
 REQUIRED = ("commit", "val_bpb", "status")
 STATUSES = ("keep", "discard", "crash")
 SYNONYMS = {  # what people and agents write in the status column

@@ -28,14 +28,15 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
+from harness.formats import PARALLEL_HEADER, parse_summary
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_TEMP_DIR = "/tmp/ray-autoresearch"   # short: Ray's unix socket paths must stay under ~107 characters
 TIME_LIMIT = 600                              # seconds: program.md's `timeout 600`, a run over it is a crash
 START_TIMEOUT = 7 * 24 * 3600                 # RAY_JOB_START_TIMEOUT_SECONDS: a queued run waits, never fails
 AGENT_WAIT = 120                              # seconds a submit waits for a just-started node's job agent
 PREFIX = "ar-"                                # submission ids of our runs start with this
-HEADER = ["commit", "val_bpb", "memory_gb", "status", "description", "gpu", "parent", "wave", "run", "started",
-          "ended"]
+HEADER = list(PARALLEL_HEADER)                # results.tsv's columns, then a parallel night's own
 HEAD_STATE = "autoresearch-head.json"
 
 # The job's shell command. The GPU's name comes from nvidia-smi (Ray sets CUDA_VISIBLE_DEVICES to the physical
@@ -233,7 +234,7 @@ def cmd_stop(args):
 def parse_log(log):
     """(exit code, summary dict, gpu) from a run's log."""
     code = re.findall(r"^parallel: exit code (\d+)$", log, re.M)
-    summary = dict((m[0], m[1].strip()) for m in re.findall(r"^(\w+):\s+(.*)$", log.split("\n---\n")[-1], re.M))
+    summary = parse_summary(log)
     gpu = re.findall(r"^parallel: gpu (.+)$", log, re.M)
     gpu = gpu[-1].strip() if gpu else "none"
     if gpu == "none":   # no nvidia-smi: take what train.py found (`device: cpu (...)` on a CPU box)

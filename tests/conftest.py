@@ -47,9 +47,9 @@ def _isolate_environment():
 
 _isolate_environment()
 
-# The rest of the harness (the CLI, conversions, the records, the smoke run's toy size, the attention kernels):
-# imported once the environment above is isolated
-import build   # noqa: E402
+# The harness's modules (the command line, conversions, the records, the smoke run's toy size, the attention
+# kernels): imported once the environment above is isolated
+from harness import smoke   # noqa: E402
 
 
 # pytest-xdist hands out whole modules (`--dist loadscope --no-loadscope-reorder`), in this order: the longest
@@ -91,9 +91,9 @@ def fails_in_one_line(proc, *needles):
 
 
 def toy_train_py(directory, **edits):
-    """train.py at the smoke run's toy size (build.smoke_script), with more of its `NAME = ...` lines edited."""
+    """train.py at the smoke run's toy size (harness.smoke.smoke_script), with more of its `NAME = ...` lines edited."""
     path = Path(directory) / "train.py"
-    path.write_text(build.smoke_script((ROOT / "train.py").read_text(), **edits))
+    path.write_text(smoke.smoke_script((ROOT / "train.py").read_text(), **edits))
     return path
 
 
@@ -163,8 +163,9 @@ def tiny_cache(tmp_path_factory):
 
 def point_harness_at(prepare, cache, monkeypatch):
     """prepare.py's paths moved to a cache and its active dataset, in this process, for one test."""
+    from harness.datasets import configured_dataset, dataset_root
     monkeypatch.setattr(prepare, "CACHE_DIR", cache)
-    root = prepare.dataset_root(prepare.configured_dataset())   # e.g. the --source directory's own, made active
+    root = dataset_root(configured_dataset(cache), cache)   # e.g. the --source directory's own, made active
     monkeypatch.setattr(prepare, "DATA_DIR", root / "data")
     monkeypatch.setattr(prepare, "TOKENIZER_DIR", root / "tokenizer")
 

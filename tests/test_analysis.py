@@ -15,8 +15,9 @@ from matplotlib.figure import Figure
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import analysis  # noqa: E402
+from harness.formats import RESULTS_HEADER  # noqa: E402
 
-HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+HEADER = "\t".join(RESULTS_HEADER) + "\n"
 # baseline + 2 noise reruns (M = 0.998300 - 0.997100 = 0.0012), a keep, a discard, a crash,
 # and a keep confirmed by a rerun of the same commit (mean 0.994400, gain 0.000600 < M: noise)
 ROWS = """\

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, build, fails_in_one_line, make_corpus, make_documents, run_prepare, source_root
+from conftest import ROOT, fails_in_one_line, make_corpus, make_documents, run_prepare, source_root
 from hf_server import serve
 
 
@@ -155,28 +155,28 @@ def test_unreachable_hub_dataset_fails_with_one_line_naming_the_ways_out(tmp_pat
 ])
 def test_conflicting_arguments_are_refused(monkeypatch, capsys, tmp_path, args, message):
     import prepare
-    for name in ("CACHE_DIR", "DATA_DIR", "TOKENIZER_DIR"):   # restored after the test, whatever main() sets
-        monkeypatch.setattr(prepare, name, tmp_path)
+    from harness import cli
+    monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path)
     with pytest.raises(SystemExit) as exit:
-        build.main(args)
+        cli.main(prepare, args)
     assert exit.value.code != 0 and message in capsys.readouterr().err + str(exit.value.code)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cache_directories_known_answers(monkeypatch, tmp_path):
-    import prepare
-    monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path)
-    assert prepare.dataset_root("karpathy/climbmix-400b-shuffle") == tmp_path
+    from harness.datasets import dataset_name, dataset_root
+    from harness.errors import HarnessError
+    assert dataset_root("karpathy/climbmix-400b-shuffle", tmp_path) == tmp_path
     tinystories = tmp_path / "datasets" / "karpathy--tinystories-gpt4-clean"
-    assert prepare.dataset_root("karpathy/tinystories-gpt4-clean") == tinystories
+    assert dataset_root("karpathy/tinystories-gpt4-clean", tmp_path) == tinystories
     digest = hashlib.sha256(b"/data/my stories").hexdigest()[:8]
-    assert prepare.dataset_root("/data/my stories") == tmp_path / "datasets" / f"local--mystories-{digest}"
+    assert dataset_root("/data/my stories", tmp_path) == tmp_path / "datasets" / f"local--mystories-{digest}"
     (tmp_path / "x").mkdir()
     monkeypatch.chdir(tmp_path / "x")
-    assert prepare.dataset_name("../x/") == str(tmp_path / "x")   # a directory: its absolute path
-    assert prepare.dataset_name("owner/name") == "owner/name"   # not a directory: a hub name
-    with pytest.raises(prepare.HarnessError, match="not a dataset name"):
-        prepare.dataset_root("..")
+    assert dataset_name("../x/") == str(tmp_path / "x")   # a directory: its absolute path
+    assert dataset_name("owner/name") == "owner/name"   # not a directory: a hub name
+    with pytest.raises(HarnessError, match="not a dataset name"):
+        dataset_root("..", tmp_path)
 
 
 @pytest.mark.slow
@@ -240,5 +240,7 @@ def test_a_missing_column_known_from_the_schema_fails_before_any_row_is_read(tmp
         def __iter__(self):
             raise AssertionError("a row was read")
 
-    with pytest.raises(build.HarnessError, match=r"no column 'text' \(columns: story, n\)"):
-        next(build._texts(Unread(), str(directory), "text"))
+    from harness import sources
+    with pytest.raises(sources.HarnessError, match=r"no column 'text' \(columns: story, n\)"):
+        next(sources._texts(Unread(), str(directory), "text"))
+

@@ -114,7 +114,7 @@ def toy(tmp_path_factory, tiny_cache):
     ray_or_skip()
     base = tmp_path_factory.mktemp("parallel")
     repo, env = make_repo(base, tiny_cache)
-    shutil.copy(ROOT / "parallel.py", repo / "parallel.py")
+    shutil.copy(ROOT / "parallel.py", repo / "parallel.py")   # harness/ (its formats) is there already
     set_constants(repo / "train.py", BASELINE_EDITS)
     git = lambda *args: subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True)
     git("add", "-A")

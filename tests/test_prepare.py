@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import (ROOT, build, fails_in_one_line, make_corpus, make_documents, point_harness_at, run_prepare,
+from conftest import (ROOT, fails_in_one_line, make_corpus, make_documents, point_harness_at, run_prepare,
                       source_root, write_shard)
-from reference_loader import reference_rows
+from harness import loader as harness_loader, records, tokens
+from tools.reference_loader import reference_rows
 
 # ---------------------------------------------------------------------------
 # Tokenizer
@@ -83,7 +84,7 @@ def oracle_rows():
 def test_loader_matches_direct_best_fit(harness, monkeypatch, oracle_rows, split, cached):
     tok = harness.Tokenizer.from_directory()
     if cached:   # every document from the token cache prepare.py wrote: no shard is tokenized here
-        monkeypatch.setattr(harness, "tokenize_shard", never("tokenize_shard"))
+        monkeypatch.setattr(harness_loader, "tokenize_shard", never("tokenize_shard"))
     else:
         tok.id = None   # no token cache for this tokenizer: the loader tokenizes the parquet files itself
     B, T, n_batches = 8, 64, 250
@@ -98,8 +99,9 @@ def test_validation_rows_are_cached_and_equal_to_packing(harness, monkeypatch):
     tok = harness.Tokenizer.from_directory()
     rows = harness.validation_rows(tok, 64, 50)
     assert rows.tolist() == reference_rows(harness.list_shards("val"), tok, 64, 50)
-    assert build.read_record(build.tokens_dir(tok) / "val_rows_T64_N50.npy")["made_from"]["rows"] == 50
-    monkeypatch.setattr(harness, "_BestFitPacker", never("packing"))   # the second time: read from the cache
+    rows_file = tokens.tokens_dir(harness.DATA_DIR.parent, tok) / "val_rows_T64_N50.npy"
+    assert records.read_record(rows_file)["made_from"]["rows"] == 50
+    monkeypatch.setattr(harness_loader, "BestFitPacker", never("packing"))   # the second time: read from the cache
     assert harness.validation_rows(tok, 64, 50).tolist() == rows.tolist()
 
 

@@ -29,12 +29,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.formats import RESULTS_HEADER
+
 ROOT = Path(__file__).resolve().parent.parent
 TAG = "test"
 STEP_BUDGET = 3          # timed steps per run: outcomes fixed by code and seed (M ~ 0.0015, IMPROVE gains ~0.26)
 HANG_LIMIT = 1           # program.md's `timeout 600` for the hanging run only (it sleeps an hour: any limit kills
                          # it); every other run keeps 600, a bound that decides nothing
-FROZEN = ["prepare.py", "build.py", "pyproject.toml", "uv.lock"]   # program.md's guard
+FROZEN = ["prepare.py", "harness", "pyproject.toml", "uv.lock"]   # program.md's guard
 
 # The user's one-time edits before a night on a tiny machine: harness constants and model size.
 HARNESS_EDITS = {"MAX_SEQ_LEN": "64", "EVAL_TOKENS": "64 * 16"}
@@ -258,9 +260,10 @@ def make_repo(directory, cache, train_edits=None, harness_edits=None):
     """A copy of the project in a new git repo, with the user's toy-size edits committed on main."""
     repo = directory / "repo"
     repo.mkdir()
-    for name in ["prepare.py", "build.py", "train.py", "program.md", "analysis.py", "pyproject.toml", "uv.lock",
+    for name in ["prepare.py", "train.py", "program.md", "analysis.py", "pyproject.toml", "uv.lock",
                  ".gitignore", "README.md"]:
         shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "harness", repo / "harness", ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "CUDA_VISIBLE_DEVICES": "",
            "AUTORESEARCH_STEP_BUDGET": str(STEP_BUDGET),
            "UV_PROJECT_ENVIRONMENT": str(ROOT / ".venv"), "UV_OFFLINE": "1", "UV_NO_SYNC": "1",
@@ -321,7 +324,7 @@ def night(tmp_path_factory, tiny_cache):
 
 def read_results(repo, text=None):
     lines = (text if text is not None else (repo / "results.tsv").read_text()).splitlines()
-    assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+    assert lines[0] == "\t".join(RESULTS_HEADER)
     return [line.split("\t") for line in lines[1:]]
 
 
@@ -418,7 +421,7 @@ def test_next_night_on_the_same_branch(night):
     assert git_out(night, "rev-parse", f"autoresearch/{TAG}2-base") == git_out(night, "rev-parse", "HEAD")
     assert (repo / "runs" / f"{TAG}.results.tsv").read_text() == night["results"]
     assert (repo / "runs" / f"{TAG}.notes.md").read_text() == night["notes"]
-    assert (repo / "results.tsv").read_text() == "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+    assert (repo / "results.tsv").read_text() == "\t".join(RESULTS_HEADER) + "\n"
     assert (repo / "notes.md").read_text().startswith(f"# Notes: autoresearch/{TAG}2\n")
 
 

@@ -20,7 +20,9 @@ import pytest
 import torch
 
 import prepare
-from conftest import build, fails_in_one_line, one_line, toy_train_py
+from conftest import fails_in_one_line, one_line, toy_train_py
+from harness import attention, smoke
+from harness.formats import SUMMARY_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "train.py"
@@ -283,7 +285,7 @@ def test_fallback_attention_matches_masked_softmax(window):
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [256, 128, 100])
 def test_flex_attention_matches_masked_softmax_on_gpu(window):
-    check_attention(prepare.Attention(None, "flex+sdpa", ""), window, T=256, device="cuda", atol=1e-3)
+    check_attention(attention.Attention(None, "flex+sdpa", ""), window, T=256, device="cuda", atol=1e-3)
 
 
 class FakeKernel:
@@ -294,7 +296,7 @@ class FakeKernel:
 
     def flash_attn_func(self, q, k, v, causal, window_size):
         window = q.size(1) if self.broken == "window" else window_size[0]   # ignores the sliding window
-        y = build.fallback_attention(q, k, v, window)
+        y = attention.fallback_attention(q, k, v, window)
         if self.broken == "backward":   # right forward, no gradient for q and k
             y = y.detach() + (v - v.detach()).mean() * 0
         return y, None   # FA3 returns (out, softmax_lse)
@@ -302,7 +304,7 @@ class FakeKernel:
 
 @pytest.mark.parametrize("broken, message", [(None, None), ("backward", "dq at window"), ("window", "output at window 16")])
 def test_fa3_check_runs_forward_and_backward_at_the_real_head_dim_and_windows(broken, message):
-    check = lambda: build.check_flash_attention_3(FakeKernel(broken), 64, [16, 32, 32], 32, device="cpu")
+    check = lambda: attention.check_flash_attention_3(FakeKernel(broken), 64, [16, 32, 32], 32, device="cpu")
     if message is None:
         check()
     else:
@@ -316,8 +318,9 @@ def closed_port():
         return s.getsockname()[1]   # nothing listens there once the socket is closed
 
 
-FETCH = ("import sys, build, prepare; prepare.FA3_REVISIONS[prepare.FA3_REPO_HOPPER] = sys.argv[1]; "
-         "kernel, why = build.fetch_flash_attention_3(prepare.FA3_REPO_HOPPER); print(kernel, why, sep='|')")
+FETCH = ("import sys, prepare; from harness.attention import fetch_flash_attention_3; "
+         "kernel, why = fetch_flash_attention_3(prepare.FA3_REPO_HOPPER, sys.argv[1], prepare.FA3_VERSION); "
+         "print(kernel, why, sep='|')")
 
 
 @pytest.mark.parametrize("pin", ["", "0123456789abcdef0123456789abcdef01234567"])
@@ -351,8 +354,8 @@ def test_hub_client_transport_errors_count_as_offline():
     except RuntimeError as e:
         wrapped = e
     assert not isinstance(refused, OSError)  # why the old `isinstance(e, OSError)` never said "offline"
-    assert build._is_offline(refused) and build._is_offline(wrapped)
-    assert not build._is_offline(ValueError("Version 1 not found, available versions: 2"))
+    assert attention._is_offline(refused) and attention._is_offline(wrapped)
+    assert not attention._is_offline(ValueError("Version 1 not found, available versions: 2"))
 
 
 def test_fa3_pins_are_commits_not_branches():
@@ -564,6 +567,7 @@ SUMMARY = [("val_bpb", r"\d+\.\d{6}"), ("training_seconds", r"\d+\.\d"), ("total
 
 def read_summary(lines):
     """The summary block at the end of a log: `---`, then SPEC's 9 keys, `dataset` and `attention`, one column."""
+    assert [key for key, _ in SUMMARY] == list(SUMMARY_KEYS)   # the keys every reader of the block uses
     assert lines[-len(SUMMARY) - 1] == "---"
     summary = {}
     for line, (key, fmt) in zip(lines[-len(SUMMARY):], SUMMARY):
@@ -588,8 +592,9 @@ def smoke_run(tmp_path_factory, tiny_cache):
     """`prepare.py --smoke > run.log` beside a train.py with the agent's edit: that train.py, at toy size, to its
     summary block. One run, read by the three tests below."""
     directory = tmp_path_factory.mktemp("smoke")
-    for name in ("prepare.py", "build.py", "train.py"):
+    for name in ("prepare.py", "train.py"):
         shutil.copy(ROOT / name, directory / name)
+    shutil.copytree(ROOT / "harness", directory / "harness", ignore=shutil.ignore_patterns("__pycache__"))
     src = (directory / "train.py").read_text()
     assert src.count(FORWARD) == 1 and src.count(STEP) == 1
     (directory / "train.py").write_text(src.replace(FORWARD, FORWARD + AT_MOST_2).replace(STEP, SAVE_FIRST_STEP + STEP))
@@ -614,18 +619,18 @@ def test_smoke_run_trains_the_current_train_py_through_the_harness(smoke_run, ti
     assert "DEVICE_BATCH_SIZE = 4 runs out of GPU memory: using 2" in text   # the edited train.py ran
     assert any(line.startswith("step 00000 ") for line in lines)
     summary = read_summary(lines)
-    assert summary["depth"] == str(build.SMOKE_SIZE["DEPTH"]) and summary["attention"] == "sdpa-cpu"
+    assert summary["depth"] == str(smoke.SMOKE_SIZE["DEPTH"]) and summary["attention"] == "sdpa-cpu"
     assert summary["mfu_percent"] == "unknown" and summary["peak_vram_mb"] == "0.0"
     assert summary["dataset"] == "local:" + str(tiny_cache.parent / "corpus")  # the tiny cache came from --source
     steps = int(summary["num_steps"])
-    assert steps == build.SMOKE_UNTIMED_STEPS + build.SMOKE_STEPS  # the untimed warm-up steps, then the step budget
-    assert f"budget: {build.SMOKE_STEPS} timed steps" in text and f"after {build.SMOKE_UNTIMED_STEPS} untimed" in text
+    assert steps == smoke.SMOKE_UNTIMED_STEPS + smoke.SMOKE_STEPS  # the untimed warm-up steps, then the step budget
+    assert f"budget: {smoke.SMOKE_STEPS} timed steps" in text and f"after {smoke.SMOKE_UNTIMED_STEPS} untimed" in text
 
     # program.md's grep finds it, and the model beats the uniform distribution's bits per byte on the same rows
     grep = subprocess.run(["grep", "^val_bpb:", str(directory / "run.log")], capture_output=True, text=True)
     val_bpb = float(grep.stdout.split()[1])
-    monkeypatch.setattr(harness, "MAX_SEQ_LEN", build.SMOKE_SEQ_LEN)
-    monkeypatch.setattr(harness, "EVAL_TOKENS", build.SMOKE_EVAL_TOKENS)
+    monkeypatch.setattr(harness, "MAX_SEQ_LEN", smoke.SMOKE_SEQ_LEN)
+    monkeypatch.setattr(harness, "EVAL_TOKENS", smoke.SMOKE_EVAL_TOKENS)
     tokenizer = harness.Tokenizer.from_directory()
 
     class Uniform(torch.nn.Module):
@@ -643,9 +648,9 @@ def test_smoke_run_trains_the_current_train_py_through_the_harness(smoke_run, ti
 @pytest.mark.slow
 def test_out_of_memory_halves_the_device_batch_and_keeps_the_tokens_per_step(smoke_run):
     text = smoke_run[1].decode()
-    total = build.SMOKE_SIZE["TOTAL_BATCH_SIZE"]
+    total = smoke.SMOKE_SIZE["TOTAL_BATCH_SIZE"]
     assert "DEVICE_BATCH_SIZE = 4 runs out of GPU memory: using 2" in text
-    assert f"{total // (2 * build.SMOKE_SEQ_LEN)} micro-steps of 2 x {build.SMOKE_SEQ_LEN} tokens per step" in text
+    assert f"{total // (2 * smoke.SMOKE_SEQ_LEN)} micro-steps of 2 x {smoke.SMOKE_SEQ_LEN} tokens per step" in text
     summary = read_summary(text.splitlines())
     assert float(summary["total_tokens_M"]) == pytest.approx(round(int(summary["num_steps"]) * total / 1e6, 1))
 
@@ -657,8 +662,8 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_step(smoke_run, t
     model = tr.GPT(tr.GPTConfig(**first["config"]))
     model.load_state_dict(first["weights"])
     tok = harness.Tokenizer.from_directory()
-    n_rows = build.SMOKE_SIZE["TOTAL_BATCH_SIZE"] // build.SMOKE_SEQ_LEN   # the rows the loader gave, in order
-    x, y, _ = next(harness.make_dataloader(tok, n_rows, build.SMOKE_SEQ_LEN, "train", device="cpu"))
+    n_rows = smoke.SMOKE_SIZE["TOTAL_BATCH_SIZE"] // smoke.SMOKE_SEQ_LEN   # the rows the loader gave, in order
+    x, y, _ = next(harness.make_dataloader(tok, n_rows, smoke.SMOKE_SEQ_LEN, "train", device="cpu"))
     model(x, y).backward()   # the mean loss over the whole step: what the micro-steps must add up to
     for name, p in model.named_parameters():
         torch.testing.assert_close(first["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

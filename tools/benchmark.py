@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 
 def throughput(batches, n, B, T):
@@ -62,7 +62,7 @@ def run(args, cache):
 
     import prepare
     import torch
-    from reference_loader import reference_batches
+    from tools.reference_loader import reference_batches
 
     tok = prepare.Tokenizer.from_directory()
     B, T = args.B, args.T
@@ -70,7 +70,7 @@ def run(args, cache):
     oracle = throughput(reference_batches(prepare.list_shards("train"), tok, T, B), args.oracle_batches, B, T)
     print(f"loader, B={B} T={T}, {os.cpu_count()} cores:")
     print(f"  fast (prepare.make_dataloader): {fast / 1e6:8.2f} M tokens/s")
-    print(f"  oracle (tests/reference_loader): {oracle / 1e6:7.2f} M tokens/s")
+    print(f"  oracle (tools/reference_loader): {oracle / 1e6:7.2f} M tokens/s")
     print(f"  ratio: {fast / oracle:.1f}x")
 
     n_rows = prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN

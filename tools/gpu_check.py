@@ -28,17 +28,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))   # prepare.py, for train.py run in this process and for the attention timing
-SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
-                "num_steps", "num_params_M", "depth", "dataset", "attention")
+from harness.formats import SUMMARY_KEYS, parse_summary, summary_line  # noqa: E402
 
 
 def parse_log(text):
     """The summary block's key: value pairs and the lines train.py prints about where its time and memory go."""
-    summary = {}
-    for line in text[text.rfind("\n---\n") + 1:].splitlines()[1:] if "\n---\n" in text else []:
-        key, _, value = line.partition(":")
-        if key in SUMMARY_KEYS:
-            summary[key] = value.strip()
+    summary = parse_summary(text)
     lines = {key: next((l for l in text.splitlines() if l.startswith(key + ":")), None)
              for key in ("device", "attention", "budget", "overhead", "memory", "compiled")}
     return summary, lines
@@ -52,7 +47,7 @@ def section(when, gpu, torch_version, commit, smoke, baseline, attention_rows, s
                    f"attention {smoke_summary.get('attention')}"
     line = lambda key: (lines[key] or f"{key}: unknown").partition(": ")[2]
     table = "\n".join(f"| {what} | {tokens} |" for what, tokens in attention_rows)
-    block = "\n".join(f"{k + ':':<18}{summary[k]}" for k in SUMMARY_KEYS if k in summary)
+    block = "\n".join(summary_line(k, summary[k]) for k in SUMMARY_KEYS if k in summary)
     return f"""
 ## GPU: {gpu} ({when:%Y-%m-%d}, commit {commit})
 
@@ -120,16 +115,16 @@ def run_counted(train_path):
 def attention_throughput(head_dim=128, n_head=4, T=2048, B=16, windows=(1024, 2048), iters=20):
     """Forward + backward tokens/s of FA3 and of the fallback, each through torch.compile as in the model."""
     import torch
-    import build
     import prepare
+    from harness.attention import Attention, fetch_flash_attention_3, sliding_window_mask
     repo = prepare.FA3_REPO_HOPPER if torch.cuda.get_device_capability() == (9, 0) else prepare.FA3_REPO_OTHER
-    kernel, why = build.fetch_flash_attention_3(repo)
-    paths = [("FA3", prepare.Attention(kernel, "fa3", "") if kernel is not None else why),
-             ("fallback (flex_attention + SDPA)", prepare.Attention(None, "flex+sdpa", ""))]
+    kernel, why = fetch_flash_attention_3(repo, prepare.FA3_REVISIONS.get(repo, ""), prepare.FA3_VERSION)
+    paths = [("FA3", Attention(kernel, "fa3", "") if kernel is not None else why),
+             ("fallback (flex_attention + SDPA)", Attention(None, "flex+sdpa", ""))]
     rows = []
     for window in windows:
         if window < T - 1:
-            build.sliding_window_mask(window, T, torch.device("cuda"))
+            sliding_window_mask(window, T, torch.device("cuda"))
         q, k, v = (torch.randn(B, T, n_head, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         for name, attention in paths:

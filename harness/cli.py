@@ -1,0 +1,111 @@
+"""
+The command line of `uv run prepare.py`: get the data, train the tokenizer, fill the token cache; or the smoke run.
+
+    uv run prepare.py                      # default dataset: 10 training shards + validation
+    uv run prepare.py --num-shards 50      # more training data (-1 = all 6,542 shards)
+    uv run prepare.py --source DIR         # local parquet files with a `text` column, no download
+    uv run prepare.py --dataset NAME       # any Hugging Face text dataset (or a local directory of files)
+    uv run prepare.py --smoke              # the current train.py at toy size, to its summary block
+
+The one module here that reads prepare.py's constants and active dataset: prepare.py hands itself in, so that
+nothing here imports it (and `uv run prepare.py` loads it once, as __main__).
+"""
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from harness.datasets import DATASET_REPO, dataset_name, dataset_root, list_shards, read_source
+from harness.download import download_data
+from harness.errors import HarnessError
+from harness.loader import validation_rows
+from harness.records import atomic_write, check_metric_files, lock_cache
+from harness.smoke import run_smoke
+from harness.sources import check_source, convert_dataset, copy_source
+from harness.tokenizer import Tokenizer, encoding_from_meta, train_tokenizer
+from harness.tokens import TOKEN_CACHE_SHARDS, cache_tokens, tokens_dir
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="prepare.py",
+                                     description="Download the data and train the tokenizer (run once).")
+    parser.add_argument("--num-shards", type=int, default=10, help="training shards to download, -1 = all (default 10)")
+    parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads (default 8)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--source", metavar="DIR",
+                        help="use local parquet files with a `text` column instead of downloading")
+    source.add_argument("--dataset", metavar="NAME", help="convert a Hugging Face dataset (or a local directory "
+                        "that datasets.load_dataset reads) into a cache of its own, and make it the active one")
+    parser.add_argument("--text-column", metavar="COL", help="the text column of --dataset (default: text)")
+    parser.add_argument("--smoke", action="store_true", help="instead: run the current train.py at toy size through "
+                        "the harness (GPU if any, else CPU; needs a prepared cache) and print its summary block")
+    args = parser.parse_args(argv)
+    if args.text_column and not args.dataset:
+        parser.error("--text-column goes with --dataset")
+    return args
+
+
+def smoke(prepare):
+    """`--smoke`: the current train.py beside prepare.py, once the active dataset's cache is there."""
+    try:
+        check_metric_files(prepare.TOKENIZER_DIR, prepare.CACHE_DIR, prepare.MAX_SEQ_LEN,
+                           prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN)
+        list_shards("val", prepare.DATA_DIR), list_shards("train", prepare.DATA_DIR)
+    except HarnessError:
+        raise HarnessError(f"--smoke needs a prepared cache and {prepare.DATA_DIR.parent} has none: run "
+                           f"`uv run prepare.py` first (or with --source DIR)") from None
+    return run_smoke(Path(prepare.__file__).with_name("train.py"), prepare.DATASET)
+
+
+def main(prepare, argv=None):
+    """`uv run prepare.py [args]`; `prepare` is the prepare.py module that runs it."""
+    args = parse_args(argv)
+    if args.smoke:
+        return smoke(prepare)
+    cache = prepare.CACHE_DIR
+    name = dataset_name(args.dataset) if args.dataset else None
+    if name == DATASET_REPO:
+        raise HarnessError(f"{name} is the default dataset: run `uv run prepare.py` to download it")
+    if args.source:
+        name = f"local:{check_source(args.source, cache)}"
+    root = dataset_root(name or DATASET_REPO, cache)   # this command fills this directory, whatever is active now
+    data_dir, tokenizer_dir = root / "data", root / "tokenizer"
+    t0 = time.time()
+    print(f"cache: {cache}")
+    lock_cache(cache, exclusive=True)
+    for orphan in Path(cache).rglob(".*.tmp"):   # left by a run that was killed mid-write
+        orphan.unlink(missing_ok=True)
+    if args.dataset:
+        done, converted = convert_dataset(name, args.text_column or "text", data_dir)
+        print(f"data: {done['train_shards']} training shards ({done['train_docs']:,} documents) + validation "
+              f"({done['validation']}), {'converted' if converted else 'already'} in {data_dir}")
+    elif args.source:
+        n_train, val_name, copied = copy_source(args.source, data_dir, cache)
+        print(f"data: {n_train} training shards + validation ({val_name}) from {args.source}, "
+              f"{copied} copied into {data_dir}")
+    else:
+        fetched, present = download_data(args.num_shards, args.download_workers, data_dir)
+        print(f"data: {fetched} shards downloaded, {present} already present, in {data_dir}")
+    seconds = train_tokenizer(list_shards("train", data_dir), tokenizer_dir, prepare.VOCAB_SIZE)
+    if seconds is None:
+        print(f"tokenizer: up to date in {tokenizer_dir}")
+    else:
+        print(f"tokenizer: trained {prepare.VOCAB_SIZE} tokens in {seconds:.1f}s, saved to {tokenizer_dir}")
+    t1 = time.time()
+    meta, sha = check_metric_files(tokenizer_dir, cache, prepare.MAX_SEQ_LEN,
+                                   prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN, all_files=False)
+    tokenizer = Tokenizer(encoding_from_meta(meta), id=sha[:16])
+    val = list_shards("val", data_dir)
+    written = cache_tokens(tokenizer, val + list_shards("train", data_dir)[:TOKEN_CACHE_SHARDS])
+    validation_rows(tokenizer, prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN, val)
+    print(f"tokens: {written} shards tokenized into {tokens_dir(root, tokenizer)} in {time.time() - t1:.1f}s, "
+          f"validation rows packed")
+    if name:   # the pointer that makes this dataset the active one for train.py
+        atomic_write(Path(cache) / "dataset.txt", lambda tmp: tmp.write_text(name + "\n"))
+    else:
+        (Path(cache) / "dataset.txt").unlink(missing_ok=True)
+    print(f"done in {time.time() - t0:.1f}s: dataset {read_source(data_dir)['dataset']} is active, now run `uv run train.py`")
+    if os.environ.get("AUTORESEARCH_DATASET", "").strip() and \
+            dataset_root(dataset_name(os.environ["AUTORESEARCH_DATASET"].strip()), cache) != root:
+        print(f"note: AUTORESEARCH_DATASET={os.environ['AUTORESEARCH_DATASET']} is set and overrides this for train.py")

@@ -1,0 +1,89 @@
+"""
+Where a dataset lives in the cache: the default one in CACHE_DIR, a --source DIR in CACHE_DIR/sources/<slug>, a
+--dataset NAME in CACHE_DIR/datasets/<slug>, each with data/ (parquet shards), tokenizer/ and tokens/; which one
+is active (the last `prepare.py` command chose it, AUTORESEARCH_DATASET overrides); and the shards of a split.
+"""
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from harness.errors import HarnessError
+
+DATASET_REPO = "karpathy/climbmix-400b-shuffle"   # the default dataset on the Hugging Face hub
+MAX_SHARD = 6542                                  # its shards are shard_00000 ... shard_06542
+VAL_FILENAME = f"shard_{MAX_SHARD:05d}.parquet"   # the last shard is pinned for validation, in every dataset
+
+
+def shard_name(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def dataset_name(name):
+    """A local directory is named by its absolute path, as load_dataset would read it; anything else is a hub name."""
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
+def dataset_root(name, cache_dir):
+    """Where a dataset's data/, tokenizer/ and tokens/ live: 'owner/name' -> datasets/owner--name, a local
+    directory -> datasets/local--<its name>-<hash of its path>, 'local:<path>' (--source) -> sources/..."""
+    if name == DATASET_REPO:
+        return Path(cache_dir)
+    parent = "datasets"
+    if name.startswith("local:"):
+        parent, name = "sources", name.removeprefix("local:")
+    slug = f"local--{Path(name).name}-{hashlib.sha256(name.encode()).hexdigest()[:8]}" if os.path.isabs(name) else name
+    slug = re.sub(r"[^A-Za-z0-9._-]", "", slug.replace("/", "--"))
+    if not slug.strip(".") or parent == "sources" and not os.path.isabs(name):
+        raise HarnessError(f"{name!r} is not a dataset name")
+    return Path(cache_dir) / parent / slug
+
+
+def read_source(data_dir):
+    """Where a data directory's shards come from, in source.json beside it: {"dataset": name, ...}, or {}."""
+    try:
+        return json.loads(Path(data_dir).with_name("source.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def configured_dataset(cache_dir):
+    """AUTORESEARCH_DATASET if set, else CACHE_DIR/dataset.txt (written by prepare.py), else the default."""
+    name = os.environ.get("AUTORESEARCH_DATASET", "").strip()
+    if not name:
+        try:
+            name = (Path(cache_dir) / "dataset.txt").read_text().strip()
+        except OSError:
+            pass
+    return dataset_name(name) if name else DATASET_REPO
+
+
+def list_shards(split, data_dir):
+    """Parquet shards of a split: 'train' is every shard but the pinned validation one."""
+    data_dir = Path(data_dir)
+    names = sorted(p.name for p in data_dir.glob("shard_*.parquet")) if data_dir.is_dir() else []
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    names = [n for n in names if (n == VAL_FILENAME) == (split == "val")]
+    if not names:
+        what = "validation shard" if split == "val" else "training shards"
+        raise HarnessError(f"no {what} in {data_dir}: run `uv run prepare.py` (or with --source DIR or --dataset NAME)")
+    return [data_dir / n for n in names]
+
+
+def check_shard(path):
+    """The number of rows of a readable parquet file with a non-empty `text` string column, else HarnessError."""
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise HarnessError(f"{path} is not a readable parquet file ({type(e).__name__}: {e})") from None
+    field = pf.schema_arrow.field("text") if "text" in pf.schema_arrow.names else None
+    if field is None or str(field.type) not in ("string", "large_string"):
+        raise HarnessError(f"{path} has no string column named 'text' (columns: {pf.schema_arrow.names})")
+    if pf.metadata.num_rows == 0:
+        raise HarnessError(f"{path} has no rows")
+    return pf.metadata.num_rows
