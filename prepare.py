@@ -43,7 +43,7 @@ CACHE_DIR = Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" 
 # the --source DIR or --dataset NAME that the last `prepare.py` command chose (AUTORESEARCH_DATASET overrides)
 # ---------------------------------------------------------------------------
 
-_CHOSEN = datasets.configured_dataset(CACHE_DIR)
+_CHOSEN, CHOSEN_BY = datasets.configured_dataset(CACHE_DIR)   # CHOSEN_BY: what made it the active one
 DATA_DIR = datasets.dataset_root(_CHOSEN, CACHE_DIR) / "data"
 TOKENIZER_DIR = DATA_DIR.parent / "tokenizer"
 DATASET = datasets.read_source(DATA_DIR).get("dataset") or _CHOSEN   # the active dataset's name, for the summary
@@ -51,7 +51,7 @@ DATASET = datasets.read_source(DATA_DIR).get("dataset") or _CHOSEN   # the activ
 
 def list_shards(split):
     """The active dataset's parquet shards of a split, 'train' or 'val'."""
-    return datasets.list_shards(split, DATA_DIR)
+    return datasets.list_shards(split, DATA_DIR, CHOSEN_BY)
 
 # ---------------------------------------------------------------------------
 # Tokenizer (BPE, trained by `uv run prepare.py` with rustbpe, run with tiktoken) and the dataloader
@@ -66,6 +66,7 @@ class Tokenizer(_Tokenizer):
         """The saved tokenizer, once the files the metric depends on (tokenizer, token byte lengths, validation
         shard and rows) match their records, under a shared lock on the cache held until the process exits, so
         that no prepare.py rewrites them under a run."""
+        datasets.check_prepared(DATA_DIR.parent, CHOSEN_BY)
         meta, sha = records.check_metric_files(Path(tokenizer_dir or TOKENIZER_DIR), CACHE_DIR, MAX_SEQ_LEN,
                                                EVAL_TOKENS // MAX_SEQ_LEN, all_files=check_metric_files)
         return cls(encoding_from_meta(meta), id=sha[:16])
@@ -102,9 +103,18 @@ def training_progress(training_seconds, timed_steps):
 
 
 def budget_description():
+    warm_up = f"{UNTIMED_STEPS} untimed warm-up step{'s' * (UNTIMED_STEPS != 1)}"
     if STEP_BUDGET > 0:
-        return f"{STEP_BUDGET} timed steps (AUTORESEARCH_STEP_BUDGET: a smoke or test run, not comparable)"
-    return f"{TIME_BUDGET}s of training"
+        return (f"{UNTIMED_STEPS + STEP_BUDGET} steps: {warm_up}, then {STEP_BUDGET} timed "
+                f"(AUTORESEARCH_STEP_BUDGET: a smoke or test run, not comparable)")
+    return f"{TIME_BUDGET}s of training after {warm_up}"
+
+
+def budget_left(training_seconds, timed_steps):
+    """What is left of the budget for the progress line: seconds, or steps where the budget is steps."""
+    if STEP_BUDGET > 0:
+        return f"{max(STEP_BUDGET - timed_steps, 0)} steps"
+    return f"{max(0.0, TIME_BUDGET - training_seconds):.0f}s"
 
 # ---------------------------------------------------------------------------
 # The GPU: found or refused, its peak FLOP/s for MFU, and the allocator setting

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare import (DATASET, MAX_SEQ_LEN, TIME_BUDGET, UNTIMED_STEPS, Tokenizer, budget_description, evaluate_bpb,
+from prepare import (DATASET, MAX_SEQ_LEN, UNTIMED_STEPS, Tokenizer, budget_description, budget_left, evaluate_bpb,
                      fit_device_batch, gpu_peak_flops, load_attention, make_dataloader, require_gpu, steady_state_mfu,
                      training_progress)
 
@@ -397,8 +397,8 @@ grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
 
 train_loader = make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "train", device=device)
 x, y, epoch = next(train_loader)  # prefetch the first batch
-print(f"budget: {budget_description()} after {UNTIMED_STEPS} untimed warm-up steps | "
-      f"{grad_accum_steps} micro-steps of {device_batch_size} x {MAX_SEQ_LEN} tokens per step")
+print(f"budget: {budget_description()} | {grad_accum_steps} micro-steps of {device_batch_size} x {MAX_SEQ_LEN} "
+      f"tokens per step")
 
 # ---------------------------------------------------------------------------
 # Schedules: driven by progress = training_seconds / TIME_BUDGET (see training_progress in prepare.py)
@@ -474,7 +474,7 @@ while True:
     mfu = f"{100 * num_flops_per_token * tok_per_sec / peak_flops:.1f}%" if peak_flops else "unknown"
     line = (f"step {step:05d} ({100 * progress:.1f}%) | loss: {debiased_loss:.6f} | lrm: {lrm:.2f} | "
             f"dt: {dt * 1000:.0f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {mfu} | epoch: {epoch} | "
-            f"remaining: {max(0.0, TIME_BUDGET - training_seconds):.0f}s")
+            f"remaining: {budget_left(training_seconds, max(step + 1 - UNTIMED_STEPS, 0))}")
     if interactive:
         print(f"\r{line}    ", end="", flush=True)
     elif done or time.time() - last_print >= 5:

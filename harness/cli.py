@@ -16,7 +16,8 @@ import os
 import time
 from pathlib import Path
 
-from harness.datasets import DATASET_REPO, dataset_name, dataset_root, list_shards, read_source
+from harness.datasets import (DATASET_REPO, MAX_SHARD, check_prepared, dataset_name, dataset_root, list_shards,
+                              read_source)
 from harness.download import download_data
 from harness.errors import HarnessError
 from harness.loader import validation_rows
@@ -30,24 +31,30 @@ from harness.tokens import TOKEN_CACHE_SHARDS, cache_tokens, tokens_dir
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="prepare.py",
                                      description="Download the data and train the tokenizer (run once).")
-    parser.add_argument("--num-shards", type=int, default=10, help="training shards to download, -1 = all (default 10)")
+    parser.add_argument("--num-shards", type=int, default=10,
+                        help=f"training shards to download, 1 to {MAX_SHARD}, or -1 for all (default 10)")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads (default 8)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--source", metavar="DIR",
                         help="use local parquet files with a `text` column instead of downloading")
     source.add_argument("--dataset", metavar="NAME", help="convert a Hugging Face dataset (or a local directory "
                         "that datasets.load_dataset reads) into a cache of its own, and make it the active one")
-    parser.add_argument("--text-column", metavar="COL", help="the text column of --dataset (default: text)")
+    parser.add_argument("--text-column", metavar="COL", help="the text column of --source or --dataset "
+                        "(default: text)")
     parser.add_argument("--smoke", action="store_true", help="instead: run the current train.py at toy size through "
                         "the harness (GPU if any, else CPU; needs a prepared cache) and print its summary block")
     args = parser.parse_args(argv)
-    if args.text_column and not args.dataset:
-        parser.error("--text-column goes with --dataset")
+    if args.text_column and not (args.dataset or args.source):
+        raise HarnessError("--text-column goes with --source DIR or --dataset NAME: it names their text column")
+    if args.num_shards == 0 or args.num_shards < -1:
+        raise HarnessError(f"--num-shards {args.num_shards}: give 1 to {MAX_SHARD} training shards, or -1 for all "
+                           f"of them")
     return args
 
 
 def smoke(prepare):
     """`--smoke`: the current train.py beside prepare.py, once the active dataset's cache is there."""
+    check_prepared(prepare.DATA_DIR.parent, prepare.CHOSEN_BY)
     try:
         check_metric_files(prepare.TOKENIZER_DIR, prepare.CACHE_DIR, prepare.MAX_SEQ_LEN,
                            prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN)
@@ -56,6 +63,15 @@ def smoke(prepare):
         raise HarnessError(f"--smoke needs a prepared cache and {prepare.DATA_DIR.parent} has none: run "
                            f"`uv run prepare.py` first (or with --source DIR)") from None
     return run_smoke(Path(prepare.__file__).with_name("train.py"), prepare.DATASET)
+
+
+def next_step():
+    """What to run once the cache is ready: a real run needs a CUDA GPU, the smoke run does not."""
+    import torch
+    if torch.cuda.is_available():
+        return "now run `uv run train.py`"
+    return ("no CUDA GPU here, so `uv run train.py` would refuse: run `uv run prepare.py --smoke` to see "
+            "train.py run at toy size on the CPU")
 
 
 def main(prepare, argv=None):
@@ -81,7 +97,7 @@ def main(prepare, argv=None):
         print(f"data: {done['train_shards']} training shards ({done['train_docs']:,} documents) + validation "
               f"({done['validation']}), {'converted' if converted else 'already'} in {data_dir}")
     elif args.source:
-        n_train, val_name, copied = copy_source(args.source, data_dir, cache)
+        n_train, val_name, copied = copy_source(args.source, data_dir, cache, args.text_column or "text")
         print(f"data: {n_train} training shards + validation ({val_name}) from {args.source}, "
               f"{copied} copied into {data_dir}")
     else:
@@ -105,7 +121,7 @@ def main(prepare, argv=None):
         atomic_write(Path(cache) / "dataset.txt", lambda tmp: tmp.write_text(name + "\n"))
     else:
         (Path(cache) / "dataset.txt").unlink(missing_ok=True)
-    print(f"done in {time.time() - t0:.1f}s: dataset {read_source(data_dir)['dataset']} is active, now run `uv run train.py`")
+    print(f"done in {time.time() - t0:.1f}s: dataset {read_source(data_dir)['dataset']} is active, {next_step()}")
     if os.environ.get("AUTORESEARCH_DATASET", "").strip() and \
             dataset_root(dataset_name(os.environ["AUTORESEARCH_DATASET"].strip()), cache) != root:
         print(f"note: AUTORESEARCH_DATASET={os.environ['AUTORESEARCH_DATASET']} is set and overrides this for train.py")

@@ -52,18 +52,31 @@ def read_source(data_dir):
 
 
 def configured_dataset(cache_dir):
-    """AUTORESEARCH_DATASET if set, else CACHE_DIR/dataset.txt (written by prepare.py), else the default."""
+    """(name, where it was chosen): AUTORESEARCH_DATASET if set, else CACHE_DIR/dataset.txt (written by
+    prepare.py), else the default dataset."""
     name = os.environ.get("AUTORESEARCH_DATASET", "").strip()
-    if not name:
-        try:
-            name = (Path(cache_dir) / "dataset.txt").read_text().strip()
-        except OSError:
-            pass
-    return dataset_name(name) if name else DATASET_REPO
+    if name:
+        return dataset_name(name), "AUTORESEARCH_DATASET"
+    try:
+        name = (Path(cache_dir) / "dataset.txt").read_text().strip()
+    except OSError:
+        pass
+    return (dataset_name(name), f"{Path(cache_dir) / 'dataset.txt'}") if name else (DATASET_REPO, "the default")
 
 
-def list_shards(split, data_dir):
-    """Parquet shards of a split: 'train' is every shard but the pinned validation one."""
+def check_prepared(root, chosen_by):
+    """A dataset that AUTORESEARCH_DATASET names must have been prepared: else one line that names the variable
+    (a typo there would otherwise read as a cache that lost its files)."""
+    if chosen_by == "AUTORESEARCH_DATASET" and not Path(root).is_dir():
+        raise HarnessError(f"AUTORESEARCH_DATASET={os.environ.get('AUTORESEARCH_DATASET')} names a dataset that was "
+                           f"never prepared (nothing at {root}): check its spelling, unset it to use the dataset "
+                           f"that `uv run prepare.py` made active, or prepare it with `uv run prepare.py --dataset "
+                           f"NAME` (or --source DIR)")
+
+
+def list_shards(split, data_dir, chosen_by=None):
+    """Parquet shards of a split: 'train' is every shard but the pinned validation one. `chosen_by` names what
+    made this dataset the active one, for the line that says none is there."""
     data_dir = Path(data_dir)
     names = sorted(p.name for p in data_dir.glob("shard_*.parquet")) if data_dir.is_dir() else []
     if split not in ("train", "val"):
@@ -71,19 +84,21 @@ def list_shards(split, data_dir):
     names = [n for n in names if (n == VAL_FILENAME) == (split == "val")]
     if not names:
         what = "validation shard" if split == "val" else "training shards"
+        check_prepared(data_dir.parent, chosen_by)
         raise HarnessError(f"no {what} in {data_dir}: run `uv run prepare.py` (or with --source DIR or --dataset NAME)")
     return [data_dir / n for n in names]
 
 
-def check_shard(path):
-    """The number of rows of a readable parquet file with a non-empty `text` string column, else HarnessError."""
+def check_shard(path, column="text"):
+    """The number of rows of a readable parquet file with a non-empty string column `column`, else HarnessError."""
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
         raise HarnessError(f"{path} is not a readable parquet file ({type(e).__name__}: {e})") from None
-    field = pf.schema_arrow.field("text") if "text" in pf.schema_arrow.names else None
+    field = pf.schema_arrow.field(column) if column in pf.schema_arrow.names else None
     if field is None or str(field.type) not in ("string", "large_string"):
-        raise HarnessError(f"{path} has no string column named 'text' (columns: {pf.schema_arrow.names})")
+        raise HarnessError(f"{path} has no string column named {column!r} (columns: {pf.schema_arrow.names}): "
+                           f"name its text column with --text-column COL")
     if pf.metadata.num_rows == 0:
         raise HarnessError(f"{path} has no rows")
     return pf.metadata.num_rows

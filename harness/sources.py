@@ -37,8 +37,9 @@ def check_source(source, cache_dir):
     return source
 
 
-def copy_source(source, data_dir, cache_dir):
-    """Mirror a directory of parquet files into the cache under canonical shard names, verified by content."""
+def copy_source(source, data_dir, cache_dir, column="text"):
+    """Mirror a directory of parquet files into the cache under canonical shard names, verified by content; a text
+    column of another name is copied as `text`, the only column the loader reads."""
     source, data_dir = check_source(source, cache_dir), Path(data_dir)
     files = sorted(source.glob("*.parquet"))
     if len(files) < 2:
@@ -51,7 +52,7 @@ def copy_source(source, data_dir, cache_dir):
                            f"(shard_00000 ... shard_{MAX_SHARD - 1:05d}): use at most {MAX_SHARD + 1} files")
     plan = {VAL_FILENAME: val, **{shard_name(i): f for i, f in enumerate(train)}}
     for src in plan.values():
-        check_shard(src)
+        check_shard(src, column)
     claim(data_dir, f"local:{source}")
     for stale in data_dir.glob("shard_*.parquet"):
         if stale.name not in plan:
@@ -59,10 +60,12 @@ def copy_source(source, data_dir, cache_dir):
             record_path(stale).unlink(missing_ok=True)
     copied = 0
     for name, src in plan.items():
-        made_from = {"source": str(src), "sha256": sha256(src)}
+        made_from = {"source": str(src), "sha256": sha256(src), **({"text_column": column} if column != "text" else {})}
         if read_record(data_dir / name, made_from):
             continue
-        write_cache_file(data_dir / name, lambda tmp: shutil.copyfile(src, tmp), made_from, src.stat().st_size)
+        write = (lambda tmp: shutil.copyfile(src, tmp)) if column == "text" else \
+            (lambda tmp: pq.write_table(pq.read_table(src, columns=[column]).rename_columns(["text"]), tmp))
+        write_cache_file(data_dir / name, write, made_from, src.stat().st_size)
         copied += 1
     return len(train), val.name, copied
 

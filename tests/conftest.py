@@ -165,7 +165,7 @@ def point_harness_at(prepare, cache, monkeypatch):
     """prepare.py's paths moved to a cache and its active dataset, in this process, for one test."""
     from harness.datasets import configured_dataset, dataset_root
     monkeypatch.setattr(prepare, "CACHE_DIR", cache)
-    root = dataset_root(configured_dataset(cache), cache)   # e.g. the --source directory's own, made active
+    root = dataset_root(configured_dataset(cache)[0], cache)   # e.g. the --source directory's own, made active
     monkeypatch.setattr(prepare, "DATA_DIR", root / "data")
     monkeypatch.setattr(prepare, "TOKENIZER_DIR", root / "tokenizer")
 

@@ -150,7 +150,7 @@ def test_unreachable_hub_dataset_fails_with_one_line_naming_the_ways_out(tmp_pat
 
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "a/b", "--source", "x"], "not allowed with argument"),
-    (["--text-column", "story"], "--text-column goes with --dataset"),
+    (["--text-column", "story"], "--text-column goes with --source DIR or --dataset NAME"),
     (["--dataset", "karpathy/climbmix-400b-shuffle"], "is the default dataset: run `uv run prepare.py`"),
 ])
 def test_conflicting_arguments_are_refused(monkeypatch, capsys, tmp_path, args, message):
@@ -244,3 +244,35 @@ def test_a_missing_column_known_from_the_schema_fails_before_any_row_is_read(tmp
     with pytest.raises(sources.HarnessError, match=r"no column 'text' \(columns: story, n\)"):
         next(sources._texts(Unread(), str(directory), "text"))
 
+
+# ---------------------------------------------------------------------------
+# What a new user hit on a fresh clone
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_source_files_with_another_text_column_take_text_column(tmp_path):
+    directory = tmp_path / "tales"
+    directory.mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"story": make_documents(400, seed=i), "n": list(range(400))}), directory / f"{i}.parquet")
+    cache = tmp_path / "cache"
+    refused = run_prepare(cache, "--source", str(directory), env=offline_env(tmp_path))
+    fails_in_one_line(refused, "no string column named 'text'", "'story', 'n'", "--text-column COL")
+    built = run_prepare(cache, "--source", str(directory), "--text-column", "story", env=offline_env(tmp_path))
+    assert built.returncode == 0, built.stderr
+    data = source_root(cache, directory) / "data"
+    assert pq.read_table(data / "shard_06542.parquet").column_names == ["text"]   # what the loader reads
+    assert texts(data / "shard_06542.parquet") == make_documents(400, seed=2)     # the last file: validation
+    assert texts(data / "shard_00000.parquet") == make_documents(400, seed=0)
+    again = run_prepare(cache, "--source", str(directory), "--text-column", "story", env=offline_env(tmp_path))
+    assert "0 copied" in again.stdout   # checked against their records, by the column they were made from
+
+
+@pytest.mark.parametrize("command", ["smoke", "train.py"])
+def test_a_mistyped_dataset_variable_is_named_in_the_one_line(tiny_cache, tmp_path, command):
+    env = {**os.environ, **offline_env(tmp_path), "AUTORESEARCH_CACHE": str(tiny_cache),
+           "AUTORESEARCH_DATASET": "karpathy/tinystorys", "AUTORESEARCH_STEP_BUDGET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    args = ["prepare.py", "--smoke"] if command == "smoke" else ["train.py"]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    fails_in_one_line(proc, "AUTORESEARCH_DATASET=karpathy/tinystorys", "never prepared", "spelling")

@@ -4,6 +4,7 @@ import os
 import socket
 
 import pytest
+import torch
 
 from conftest import fails_in_one_line, make_corpus, run_prepare
 from hf_server import serve
@@ -40,6 +41,9 @@ def test_download_builds_the_cache_and_a_rerun_fetches_nothing(tmp_path, remote)
         for p in data.glob("*.parquet"):
             assert p.read_bytes() == (remote / p.name).read_bytes()
         assert "3 shards downloaded" in first.stdout and "trained 8192 tokens" in first.stdout
+        # what to run next, on this machine: the smoke run where there is no CUDA GPU for `uv run train.py`
+        next_step = "now run `uv run train.py`" if torch.cuda.is_available() else "run `uv run prepare.py --smoke`"
+        assert next_step in first.stdout.splitlines()[-1]
         gets = hub.count("GET", "shard_00000.parquet")
         second = prepare(tmp_path / "cache", env)
         assert second.returncode == 0, second.stderr
@@ -79,6 +83,15 @@ def test_missing_file_on_the_hub_names_num_shards(tmp_path, remote):
     with serve(remote) as hub:
         result = run_prepare(tmp_path / "cache", "--num-shards", "5", env=hub_env(hub.url, tmp_path / "hf"))
     fails_in_one_line(result, "has no file shard_00003.parquet (is --num-shards too large?)")
+
+
+@pytest.mark.parametrize("n", ["-5", "-2", "0"])
+def test_num_shards_is_a_count_or_minus_one_for_all_else_refused_up_front(tmp_path, remote, n):
+    with serve(remote) as hub:
+        result = run_prepare(tmp_path / "cache", "--num-shards", n, env=hub_env(hub.url, tmp_path / "hf"))
+        assert hub.requests == []   # not all 6,542 shards (-5), not the validation shard alone (0)
+    fails_in_one_line(result, f"--num-shards {n}: give 1 to 6542 training shards, or -1 for all of them")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_unreachable_endpoint_fails_fast_naming_the_ways_out(tmp_path):

@@ -624,7 +624,10 @@ def test_smoke_run_trains_the_current_train_py_through_the_harness(smoke_run, ti
     assert summary["dataset"] == "local:" + str(tiny_cache.parent / "corpus")  # the tiny cache came from --source
     steps = int(summary["num_steps"])
     assert steps == smoke.SMOKE_UNTIMED_STEPS + smoke.SMOKE_STEPS  # the untimed warm-up steps, then the step budget
-    assert f"budget: {smoke.SMOKE_STEPS} timed steps" in text and f"after {smoke.SMOKE_UNTIMED_STEPS} untimed" in text
+    # one count, in steps, where the budget is steps: the budget line, the progress lines and the summary agree
+    assert f"budget: {steps} steps: 1 untimed warm-up step, then {smoke.SMOKE_STEPS} timed " in text
+    progress = [line for line in lines if line.startswith("step ")]
+    assert progress[-1].endswith("remaining: 0 steps") and all(line.endswith(" steps") for line in progress)
 
     # program.md's grep finds it, and the model beats the uniform distribution's bits per byte on the same rows
     grep = subprocess.run(["grep", "^val_bpb:", str(directory / "run.log")], capture_output=True, text=True)
