@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -31,9 +32,10 @@ def _isolate_environment():
     # no hub but the tests' own: port 9 (discard) on this machine answers nothing, so a stray download fails fast
     os.environ.update(AUTORESEARCH_CACHE=str(home / "cache"), HF_HOME=str(home / "hf"),
                       HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1")
-    # One torch thread, here and in every subprocess: on a busy 2-core machine a toy training step takes 3 s
-    # with two threads and 0.5 s with one
-    os.environ["OMP_NUM_THREADS"] = "1"
+    # One torch thread, here and in every subprocess, unless the person running pytest set OMP_NUM_THREADS (to run
+    # the suite at another count): on a busy 2-core machine a toy training step takes 3 s with two threads and 0.5 s
+    # with one
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     # With PYTHONDONTWRITEBYTECODE and an environment synced without --compile-bytecode, every subprocess compiles
     # torch's modules again (~4 s each): keep the bytecode of this session in its own directory instead, never
     # beside the sources
@@ -178,3 +180,58 @@ def harness(tiny_cache, monkeypatch):
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 64 * 20)
     return prepare
+
+
+# A train.py whose val_bpb the test chooses, per commit and SEED, through the real evaluate_bpb and summary block. It
+# trains as before, then is scored on constant logits: 0, and `a` for BOS. BOS targets carry no bytes and are not
+# scored, so every scored token costs c = log(V - 1 + e^a) nats; with a set so that c = ln V + d, val_bpb is
+# K * (ln V + d), K fixed by the validation rows. Every decision (a delta against M or M / 2, a mean of runs, a
+# margin) then compares differences of d alone: the test sets its outcome exactly, whatever the machine learns.
+SCRIPTED_SCORE = """\
+SCRIPTED_NATS = {nats}  # the test's outcome of this commit: nats above uniform, per SEED
+
+
+class ScriptedScore(nn.Module):
+    \"\"\"The trained model inside (evaluate_bpb takes the device from its parameters); called without targets,
+    constant logits: every scored token costs ln(vocab) + SCRIPTED_NATS[SEED] nats.\"\"\"
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.model = model
+        self.vocab_size, self.bos = tokenizer.get_vocab_size(), tokenizer.get_bos_token_id()
+        d = SCRIPTED_NATS[int(os.environ.get("SEED", 42))]
+        self.bos_logit = math.log1p(self.vocab_size * math.expm1(d))  # e^a = V e^d - (V - 1)
+
+    def forward(self, idx, targets=None, **kwargs):
+        if targets is not None:
+            return self.model(idx, targets, **kwargs)
+        logits = torch.zeros(*idx.shape, self.vocab_size, device=idx.device)
+        logits[..., self.bos] = self.bos_logit
+        return logits
+
+
+{model} = ScriptedScore({model}, {tokenizer})  # tests/conftest.py: the test's val_bpb
+"""
+
+
+def scripted_train_py(src, nats):
+    """train.py's source with ScriptedScore inserted just before its evaluation, scoring `nats` ({seed: d})."""
+    found = list(re.finditer(r"^([ \t]*)val_bpb = evaluate_bpb\((\w+), (\w+),", src, re.M))
+    assert len(found) == 1, "train.py has no single line `val_bpb = evaluate_bpb(model, tokenizer, ...)`"
+    indent, model, tokenizer = found[0].groups()
+    block = SCRIPTED_SCORE.format(nats=_nats(nats), model=model, tokenizer=tokenizer)
+    block = "".join(indent + line if line.strip() else line for line in block.splitlines(keepends=True))
+    return src[:found[0].start()] + block + src[found[0].start():]
+
+
+def set_outcome(path, nats):
+    """A scripted train.py's outcome, {seed: d}: d >= 0 nats above uniform for each SEED it will run with."""
+    src, n = re.subn(r"^([ \t]*SCRIPTED_NATS = )\{[^}\n]*\}", lambda m: m[1] + _nats(nats), Path(path).read_text(),
+                     flags=re.M)
+    assert n == 1, f"{path} is not a scripted train.py (conftest.scripted_train_py)"
+    Path(path).write_text(src)
+
+
+def _nats(nats):
+    assert nats and all(d >= 0 for d in nats.values()), nats   # e^a = V e^d - (V - 1) > 0 for any d >= 0
+    return repr({int(seed): float(d) for seed, d in nats.items()})

@@ -4,8 +4,9 @@ parallel.py on a real Ray cluster, and the single-GPU path without Ray.
 One local head per module, started the README's way (`parallel.py start-head`) on free ports with 2 logical
 GPUs and 2 CPUs, every listener on 127.0.0.1, and stopped by its own process id. A scripted agent follows
 parallel.md's waves on a toy repo (the user's toy-size edits committed, as in test_program.py), running
-train.py on the CPU with a step budget: decisions come from outcomes (statuses, exit codes, val_bpb at
-fixed steps and seeds), never from timings; timeouts are only upper bounds for a hang.
+train.py on the CPU with a step budget: decisions come from outcomes (statuses, exit codes, and the val_bpb
+each commit and seed was given by the test, conftest.scripted_train_py), never from timings or from what the
+toy model learns; timeouts are only upper bounds for a hang.
 """
 
 import json
@@ -22,17 +23,21 @@ from pathlib import Path
 
 import pytest
 
+from conftest import set_outcome
 from test_program import make_repo, set_constants
 
 ROOT = Path(__file__).resolve().parent.parent
 UPPER_BOUND = 900          # seconds: only a guard against a hang, never a decision
 HANG_LIMIT = 20            # the hanging run's time limit (`timeout 600` in real use)
 # The toy baseline (two micro-steps of 8 sequences) also has a too-small Muon lr, so that two independent fixes
-# both win one wave.
+# both win one wave. Outcomes in nats above uniform per SEED (val_bpb is linear in them): wave 0's margin is 0.04,
+# and every decision below is at least half of it from its threshold.
 BASELINE_EDITS = {"DEPTH": "2", "ASPECT_RATIO": "32", "HEAD_DIM": "32", "DEVICE_BATCH_SIZE": "8",
                   "TOTAL_BATCH_SIZE": "8 * 64 * 2", "UNEMBEDDING_LR": "0.0004", "MATRIX_LR": "0.004"}
-FIX_A = ("unembedding lr 0.0004 -> 0.004", {"UNEMBEDDING_LR": "0.004"})
-FIX_B = ("matrix lr 0.004 -> 0.04", {"MATRIX_LR": "0.04"})
+BASELINE = {42: 0.30, 1: 0.32, 2: 0.34}
+FIX_A = ("unembedding lr 0.0004 -> 0.004", {"UNEMBEDDING_LR": "0.004"}, {42: 0.20})   # delta -0.10: the best winner
+FIX_B = ("matrix lr 0.004 -> 0.04", {"MATRIX_LR": "0.04"}, {42: 0.24})                # delta -0.06: a winner too
+B_ON_A = {42: 0.18}   # B re-applied on A: delta -0.02 against A's control, short of the margin
 CRASH = ("typo in the model", {"HEAD_DIM": "undefined_name"})
 HANG = ("sleep before training", {"WARMDOWN_RATIO": '__import__("time").sleep(3600) or 0.5'})
 
@@ -113,14 +118,16 @@ def toy(tmp_path_factory, tiny_cache):
     """A toy repo with parallel.py in it, and the environment every node of the cluster would have."""
     ray_or_skip()
     base = tmp_path_factory.mktemp("parallel")
-    repo, env = make_repo(base, tiny_cache)
+    repo, env = make_repo(base, tiny_cache, outcome=BASELINE)
     shutil.copy(ROOT / "parallel.py", repo / "parallel.py")   # harness/ (its formats) is there already
     set_constants(repo / "train.py", BASELINE_EDITS)
     git = lambda *args: subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True)
     git("add", "-A")
     git("commit", "-qm", "toy baseline with a small matrix lr")
     env = {k: v for k, v in env.items() if not k.startswith("RAY_") and k != "CUDA_VISIBLE_DEVICES"}
-    env.update(AUTORESEARCH_STEP_BUDGET="1", OMP_NUM_THREADS="1")   # deterministic toy runs, one thread each
+    # One timed step a run; its threads are each submit's `--threads 1` (the run's OMP_NUM_THREADS), whatever this
+    # environment's OMP_NUM_THREADS is
+    env["AUTORESEARCH_STEP_BUDGET"] = "1"
     return repo, env
 
 
@@ -167,9 +174,12 @@ class Agent:
         assert not check or proc.returncode == 0, (args, proc.stderr)
         return proc.stdout.strip()
 
-    def candidate(self, description, edits):
-        """Edit, commit, and go back to the best; the commit's hash is what gets submitted."""
+    def candidate(self, description, edits, outcome=None):
+        """Edit (and set the outcome the test chose), commit, and go back to the best; the commit's hash is what
+        gets submitted."""
         set_constants(self.repo / "train.py", edits)
+        if outcome:
+            set_outcome(self.repo / "train.py", outcome)
         self.git("commit", "-qam", description)
         sha = self.git("rev-parse", "HEAD")
         self.git("reset", "-q", "--hard", "autoresearch/test-best")   # parallel.md: back to the best by its tag
@@ -263,13 +273,14 @@ def night(toy, cluster):
     assert [w[1] for w in winners] == [run_id(a, 42, 1), run_id(b, 42, 1)], winners
     agent.P("keep", winners[0][1])
     out["stale_keep"] = agent.P("keep", winners[1][1], check=False)
-    # Re-apply the stale winner on the new best (parallel.md step 6).
+    # Re-apply the stale winner on the new best (parallel.md step 6). A and B set adjacent lines in train.py, and
+    # each its own outcome on one line: a conflict, so the same edit by hand, with the outcome B has on top of A.
     picked = subprocess.run(["git", "cherry-pick", b], cwd=repo, env=agent.env, capture_output=True)
-    out["cherry_pick_conflict"] = picked.returncode != 0
-    if picked.returncode != 0:   # adjacent lines in train.py: make the same edit by hand
-        agent.git("cherry-pick", "--abort")
-        set_constants(repo / "train.py", FIX_B[1])
-        agent.git("commit", "-qam", f"{FIX_B[0]} (re-applied)")
+    assert picked.returncode != 0, "the cherry-pick of B on A should conflict"
+    agent.git("cherry-pick", "--abort")
+    set_constants(repo / "train.py", FIX_B[1])
+    set_outcome(repo / "train.py", B_ON_A)
+    agent.git("commit", "-qam", f"{FIX_B[0]} (re-applied)")
     b2 = agent.git("rev-parse", "HEAD")
     agent.git("reset", "-q", "--hard", "autoresearch/test-best")
     out["b2"] = b2

@@ -3,9 +3,11 @@ program.md followed literally by a scripted agent, at toy size on the CPU.
 
 The agent takes its shell commands from program.md's own code blocks (so the test
 breaks when the document and the code drift apart), in a temporary copy of the repo
-whose one-time user edits shrink the model and the harness. Every run is step-budgeted
-(AUTORESEARCH_STEP_BUDGET, one torch thread): its val_bpb depends on the code and the
-seed only, never on the machine's speed, so every keep and discard below is fixed.
+whose one-time user edits shrink the model and the harness. Every run trains the toy
+model for real (step-budgeted: AUTORESEARCH_STEP_BUDGET), but its val_bpb is the one the
+test chose for that commit and seed (conftest.scripted_train_py: each experiment's commit
+sets its own `SCRIPTED_NATS` beside its real edit), printed through the real evaluation
+and summary block: every keep and discard below is the test's, on any machine.
 
 One night, in three sessions. The first agent sets up, runs the baseline and the noise
 reruns, a maybe-noise experiment (rerun, not confirmed: discarded), an improving experiment
@@ -29,11 +31,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import scripted_train_py, set_outcome
 from harness.formats import RESULTS_HEADER
 
 ROOT = Path(__file__).resolve().parent.parent
 TAG = "test"
-STEP_BUDGET = 3          # timed steps per run: outcomes fixed by code and seed (M ~ 0.0015, IMPROVE gains ~0.26)
+STEP_BUDGET = 3          # timed steps per run
 HANG_LIMIT = 1           # program.md's `timeout 600` for the hanging run only (it sleeps an hour: any limit kills
                          # it); every other run keeps 600, a bound that decides nothing
 FROZEN = ["prepare.py", "harness", "pyproject.toml", "uv.lock"]   # program.md's guard
@@ -43,11 +46,15 @@ HARNESS_EDITS = {"MAX_SEQ_LEN": "64", "EVAL_TOKENS": "64 * 16"}
 NIGHT_WARMUP = {"UNTIMED_STEPS": "4"}   # the night's: no compile to warm up on a CPU, 4 warm-up steps and not 11
 TOY_EDITS = {"DEPTH": "2", "ASPECT_RATIO": "16", "HEAD_DIM": "32", "DEVICE_BATCH_SIZE": "2",
              "TOTAL_BATCH_SIZE": "2 * 64", "UNEMBEDDING_LR": "0.0003"}
-# The agent's experiments: (description, edits to train.py: `NAME = ...` lines, or a line of source ending in \n)
-IMPROVE = ("unembedding lr 0.0003 -> 0.004", {"UNEMBEDDING_LR": "0.004"})
-# The same model at depth 2 (the last layer is always L): its val_bpb is the baseline's own seed-42 run, in the
-# maybe-noise band (-M < delta <= -M/2), and not confirmed by SEED=1: rerun row first, then discard
-NEAR = ("window pattern SSSL -> SL", {"WINDOW_PATTERN": '"SL"'})
+# Outcomes, in nats above uniform per SEED (val_bpb is linear in them): the baseline's three runs give B = 0.32 and
+# M = 0.04; every decision below is at least M / 4 from its threshold
+BASELINE = {42: 0.30, 1: 0.32, 2: 0.34}
+# The agent's experiments: (description, edits to train.py: `NAME = ...` lines, or a line of source ending in \n,
+# and the outcome its commit sets, if any)
+IMPROVE = ("unembedding lr 0.0003 -> 0.004", {"UNEMBEDDING_LR": "0.004"}, {42: 0.20})   # delta -0.12 <= -M: kept
+# In the maybe-noise band (-M < delta = -0.03 <= -M/2), and not confirmed by SEED=1 (0.31 > B - M/2 = 0.30): rerun
+# row first, then discard
+NEAR = ("window pattern SSSL -> SL", {"WINDOW_PATTERN": '"SL"'}, {42: 0.29, 1: 0.31})
 # Committed, never run: the edit the human cuts off when stopping the night, and a discard in the git-only test
 WORSEN = ("all learning rates / 100", {"EMBEDDING_LR": "0.006", "UNEMBEDDING_LR": "0.00004", "SCALAR_LR": "0.005"})
 NOTHING = ("unembedding lr 0.004 again", {"UNEMBEDDING_LR": "0.004"})   # already the value: nothing to commit
@@ -154,10 +161,13 @@ class Agent:
         values = f'{val_bpb or 0:.6f} {memory_gb:.1f} {status} "{description}"'
         self.sh(re.sub(r'(HEAD\)")\s.*(>> results.tsv)', lambda m: f"{m[1]} {values} {m[2]}", row))
 
-    def commit(self, description, edits):
-        """Commit the edit; False when git has nothing to commit and program.md says that means do not run
-        (main's program.md said nothing: the failure went unnoticed and the agent ran the unchanged code)."""
+    def commit(self, description, edits, outcome=None):
+        """Commit the edit (and the outcome the test sets for it); False when git has nothing to commit and
+        program.md says that means do not run (main's program.md said nothing: the failure went unnoticed and the
+        agent ran the unchanged code)."""
         edit(self.repo / "train.py", edits)
+        if outcome:
+            set_outcome(self.repo / "train.py", outcome)
         proc = self.sh(self.block("git commit -am").replace("<what you changed>", description), check=False)
         if proc.returncode != 0 and "nothing to commit" in proc.stdout:
             return "`nothing to commit`" not in self.text
@@ -210,8 +220,8 @@ class Agent:
         for block in {b for b in self.blocks if b.startswith("git tag -f")}:
             self.sh(block.replace("<tag>", self.tag))
 
-    def experiment(self, description, edits, limit=None):
-        if not self.commit(description, edits):
+    def experiment(self, description, edits, outcome=None, limit=None):
+        if not self.commit(description, edits, outcome):
             return "not run"
         code, val, mem = self.run(limit=limit)
         if val is None:
@@ -256,13 +266,14 @@ class Agent:
         self.reset()
 
 
-def make_repo(directory, cache, train_edits=None, harness_edits=None):
-    """A copy of the project in a new git repo, with the user's toy-size edits committed on main."""
+def make_repo(directory, cache, train_edits=None, harness_edits=None, outcome=BASELINE):
+    """A copy of the project in a new git repo, with the user's toy-size edits committed on main, and a train.py
+    scored by the test (conftest.scripted_train_py) with `outcome` until a commit sets another."""
     repo = directory / "repo"
     repo.mkdir()
-    for name in ["prepare.py", "train.py", "program.md", "analysis.py", "pyproject.toml", "uv.lock",
-                 ".gitignore", "README.md"]:
+    for name in ["prepare.py", "program.md", "analysis.py", "pyproject.toml", "uv.lock", ".gitignore", "README.md"]:
         shutil.copy(ROOT / name, repo / name)
+    (repo / "train.py").write_text(scripted_train_py((ROOT / "train.py").read_text(), outcome))
     shutil.copytree(ROOT / "harness", repo / "harness", ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "CUDA_VISIBLE_DEVICES": "",
            "AUTORESEARCH_STEP_BUDGET": str(STEP_BUDGET),
@@ -343,8 +354,9 @@ def test_results_tsv_has_the_expected_rows(night):
     baseline = [float(r[1]) for r in rows[:3]]
     margin, mean = max(baseline) - min(baseline), sum(baseline) / 3
     assert -margin < float(rows[4][1]) - mean <= -margin / 2 < float(rows[3][1]) - mean   # the band, unconfirmed
+    assert float(rows[5][1]) - mean <= -margin
     assert rows[5][0] == rows[-1][0] == night["kept"]   # the check after 3 crashes ran the last kept commit
-    assert float(rows[-1][1]) == float(rows[5][1])      # same code, same seed, same steps: the same val_bpb
+    assert float(rows[-1][1]) == float(rows[5][1])      # the same commit and seed: the same outcome
     for commit, val_bpb, memory_gb, status, _ in rows:
         assert re.fullmatch(r"\d+\.\d{6}", val_bpb) and re.fullmatch(r"\d+\.\d", memory_gb)
         assert (float(val_bpb) == 0) == (status == "crash")
