@@ -2,19 +2,27 @@
 The morning report: read results.tsv, print the run at a glance, draw progress.png.
 
     uv run analysis.py [results.tsv] [--json] [--png progress.png | --no-png]
+    uv run analysis.py --check run.log     # program.md's guard: does the harness's record back this run?
 
 results.tsv is written by hand all night, so it is read leniently: columns by header name (commit,
 val_bpb and status required), any line endings, a BOM, status synonyms (kept, reverted, failed, ...).
 A line that cannot be read is skipped with one warning on stderr that names it; the rest is reported.
+A status of another name is a row of its own kind, "other", counted and named once.
 
 Noise rules (program.md): a row whose description says "(noise)" is a rerun; every other row (and
 every crash) is an experiment, the first one the baseline. A rerun belongs to an experiment of the
-same commit, before or after it. An experiment's value is the mean of its runs; the running best
-uses those means. M = max - min of the baseline's runs. Kept gains smaller than M are marked "≈noise".
+same commit, before or after it. An experiment's value is the mean of its runs. The best is the last
+kept experiment (program.md's ratchet: B is always its value). M = max - min of the baseline's runs.
+Kept gains smaller than M are marked "≈noise".
+
+The harness writes its own record of every evaluation (evaluations.jsonl, beside results.tsv): each row
+is checked against it (backed, or why not), and its test_bpb, scored on data nobody tuned on, says how
+much of the night's gain holds there.
 """
 
 import argparse
 import json
+import subprocess
 import math
 import os
 import re
@@ -23,11 +31,12 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.formats import RESULTS_HEADER
+from harness import evaluations
+from harness.formats import RESULTS_HEADER, parse_summary
 
 HEADER = list(RESULTS_HEADER)
 REQUIRED = ("commit", "val_bpb", "status")
-STATUSES = ("keep", "discard", "crash")
+STATUSES = ("keep", "discard", "crash", "other")
 SYNONYMS = {  # what people and agents write in the status column
     "keep": ("keep", "kept", "best", "baseline", "improved", "accept", "accepted"),
     "discard": ("discard", "discarded", "revert", "reverted", "reject", "rejected", "worse"),
@@ -88,17 +97,21 @@ def parse_results(path, warnings=None):
         while len(fields) > len(columns) and not fields[-1].strip():  # trailing tabs carry nothing
             fields.pop()
         why = _unreadable(line, fields, columns)
-        status = STATUS_OF.get(fields[where["status"]].strip().lower()) if why is None else None
-        if why is None and status is None:
-            why = (f"unknown status {clean(fields[where['status']].strip())!r}; "
-                   "write keep, discard or crash")
+        status = STATUS_OF.get(fields[where["status"]].strip().lower(), "other") if why is None else None
+        if status == "other" and not fields[where["status"]].strip():
+            why = "no status; write keep, discard or crash"
         if why is not None:
             warnings.append((lineno, f"{name} line {lineno}: skipped: {why}"))
             continue
         get = lambda column: fields[where[column]].strip() if column in where else ""
         rows.append(dict(line=lineno, commit=clean(get("commit")), status=status,
                          val_bpb=None if status == "crash" else _value(get("val_bpb")),
-                         memory_gb=_number(get("memory_gb")), description=clean(get("description"))))
+                         memory_gb=_number(get("memory_gb")), description=clean(get("description")),
+                         status_written=clean(get("status"))))
+    for other in sorted({row["status_written"] for row in rows if row["status"] == "other"}):
+        lines = [str(row["line"]) for row in rows if row["status_written"] == other]
+        warnings.append((None, f"{name}: status {other!r} (line{'s' * (len(lines) > 1)} {', '.join(lines)}) is not "
+                               f"keep, discard or crash: counted as other"))
     if not body:
         raise ResultsError(f"{name}: no experiments yet (only the header); run the baseline and log it first")
     if not rows:
@@ -160,8 +173,9 @@ def mark_reruns(rows):
     return rows
 
 
-def summarize(rows):
-    """The report as a plain dict (the --json object): counts, baseline, best, noise, kept changes."""
+def summarize(rows, records=None):
+    """The report as a plain dict (the --json object): counts, baseline, best, noise, kept changes; with the
+    harness's records (evaluations.jsonl), which rows they back and the test split's view of the night."""
     values = {}  # experiment row index -> the val_bpb of its runs (its own and its reruns')
     for row in mark_reruns(rows):
         if row["of"] is not None and row["val_bpb"] is not None:
@@ -171,34 +185,66 @@ def summarize(rows):
     counts = {s: sum(row["status"] == s for _, row in experiments) for s in STATUSES}
     base_values = values.get(base_i, [])
     margin = max(base_values) - min(base_values) if len(base_values) >= 2 else None
+    backed = check_rows(rows, records)
+    tests = {}  # experiment row index -> the test_bpb of its backed runs
+    for row in rows:
+        if row["of"] is not None and row.get("test_bpb") is not None:
+            tests.setdefault(row["of"], []).append(row["test_bpb"])
+    test_mean = lambda i: sum(tests[i]) / len(tests[i]) if i in tests else None
 
-    best_value, best_row, kept_changes = mean(base_i), base_row, []
+    # The best is the last kept experiment: program.md's B, the -best tag and notes.md name the same commit
+    best_i, best_value, kept_changes = base_i, mean(base_i), []
     for i, row in experiments:
         if row["status"] != "keep" or mean(i) is None:
             continue
         gain = None if best_value is None else best_value - mean(i)
+        test_gain = None if test_mean(best_i) is None or test_mean(i) is None else test_mean(best_i) - test_mean(i)
         kept_changes.append(dict(
             index=row["x"], commit=row["commit"], val_bpb=_r(mean(i)), runs=len(values[i]),
-            description=row["description"], gain=_r(gain),
-            within_noise=gain is not None and margin is not None and _r(gain) < _r(margin)))
-        if best_value is None or mean(i) < best_value:
-            best_value, best_row = mean(i), row
+            description=row["description"], gain=_r(gain), test_bpb=_r(test_mean(i)), test_gain=_r(test_gain),
+            within_noise=gain is not None and margin is not None and abs(_r(gain)) < _r(margin)))
+        best_i, best_value = i, mean(i)
 
-    improvement = None
+    improvement = unseen = None
     if mean(base_i) is not None:
         absolute = mean(base_i) - best_value
         improvement = dict(absolute=_r(absolute), percent=round(100 * absolute / mean(base_i), 4),
                            multiple_of_margin=round(absolute / margin, 2) if margin else None)
+        if test_mean(base_i) is not None and test_mean(best_i) is not None:
+            test_gain = test_mean(base_i) - test_mean(best_i)
+            unseen = dict(baseline=_r(test_mean(base_i)), best=_r(test_mean(best_i)), gain=_r(test_gain),
+                          share_of_val_gain=round(test_gain / absolute, 4) if absolute > 0 else None)
+    best_row = rows[best_i]
     return dict(
         experiments=len(experiments), reruns=sum(row["rerun"] for row in rows),
-        kept=counts["keep"], discarded=counts["discard"], crashed=counts["crash"],
+        kept=counts["keep"], discarded=counts["discard"], crashed=counts["crash"], other=counts["other"],
+        other_statuses=sorted({row["status_written"] for _, row in experiments if row["status"] == "other"}),
         keep_rate=round(counts["keep"] / len(experiments), 4) if experiments else None,
-        baseline=dict(commit=base_row["commit"], val_bpb=_r(mean(base_i)), description=base_row["description"]),
-        best=dict(commit=best_row["commit"], val_bpb=_r(best_value), description=best_row["description"]),
-        improvement=improvement,
+        baseline=dict(commit=base_row["commit"], val_bpb=_r(mean(base_i)), description=base_row["description"],
+                      test_bpb=_r(test_mean(base_i))),
+        best=dict(commit=best_row["commit"], val_bpb=_r(best_value), description=best_row["description"],
+                  test_bpb=_r(test_mean(best_i))),
+        improvement=improvement, unseen=unseen,
         noise=dict(runs=len(base_values), margin=_r(margin), baseline_mean=_r(mean(base_i))),
-        kept_changes=kept_changes,
+        kept_changes=kept_changes, **backed,
     )
+
+
+def check_rows(rows, records):
+    """Each row with a val_bpb against the harness's records: {records, backed, not_backed}; a backed row gets
+    its record's test_bpb. records None: no evaluations.jsonl, the rows are as typed."""
+    scored = [row for row in rows if row["val_bpb"] is not None]
+    if records is None:
+        return dict(records=False, rows_with_value=len(scored), backed=None, not_backed=[])
+    not_backed = []
+    for row in scored:
+        record, why = evaluations.backing(row["commit"], row["val_bpb"], records)
+        if record is None:
+            not_backed.append(dict(line=row["line"], commit=row["commit"], val_bpb=row["val_bpb"], why=why))
+        else:
+            row["test_bpb"] = record.get("test_bpb")
+    return dict(records=True, rows_with_value=len(scored), backed=len(scored) - len(not_backed),
+                not_backed=not_backed)
 
 
 def _r(x):
@@ -213,24 +259,37 @@ def render_text(summary, path="results.tsv"):
     rate = "n/a" if s["keep_rate"] is None else f"{100 * s['keep_rate']:.0f}%"
     base_value = "crashed" if runs == 0 else f"{s['baseline']['val_bpb']:.6f}  ({runs} run{'s' * (runs > 1)})"
     best_value = "none" if s["best"]["val_bpb"] is None else f"{s['best']['val_bpb']:.6f}"
-    out = [f"{path}: {n} experiment{'s' * (n != 1)} after the baseline ({s['reruns']} reruns not counted)",
-           f"  kept {s['kept']}, discarded {s['discarded']}, crashed {s['crashed']}, keep rate {rate}",
-           f"baseline     {s['baseline']['commit']}  {base_value}",
-           f"best         {s['best']['commit']}  {best_value}  {s['best']['description']}"]
+    if s["records"]:
+        out = [f"{s['backed']} of {s['rows_with_value']} rows backed by the harness (evaluations.jsonl)"]
+        out += [f"  not backed: line {r['line']} {r['commit']} {r['val_bpb']:.6f}: {r['why']}" for r in s["not_backed"]]
+    else:
+        out = ["records absent: no evaluations.jsonl beside this file, so its rows are as typed, unchecked"]
+    other = f", other {s['other']} ({', '.join(s['other_statuses'])})" if s["other"] else ""
+    out += [f"{path}: {n} experiment{'s' * (n != 1)} after the baseline ({s['reruns']} reruns not counted)",
+            f"  kept {s['kept']}, discarded {s['discarded']}, crashed {s['crashed']}{other}, keep rate {rate}",
+            f"baseline     {s['baseline']['commit']}  {base_value}",
+            f"best         {s['best']['commit']}  {best_value}  {s['best']['description']}  (the last kept)"]
     if imp:
         times = f" = {imp['multiple_of_margin']:.1f} × M" if imp["multiple_of_margin"] is not None else ""
         out.append(f"improvement  {imp['absolute']:.6f} ({imp['percent']:.2f}%){times}")
+    if s["unseen"]:
+        u = s["unseen"]
+        share = "" if u["share_of_val_gain"] is None else f": {100 * u['share_of_val_gain']:.0f}% of the val gain holds"
+        out.append(f"test split   baseline {u['baseline']:.6f}, best {u['best']:.6f}, gain {u['gain']:.6f}{share} "
+                   f"(data nobody tuned on)")
     if noise["margin"] is None:
         out.append(f"noise        M not measured ({runs} baseline run{'s' * (runs != 1)}): rerun the "
                    "unchanged baseline with SEED=1 and SEED=2, same commit, described '(noise)'")
     else:
         out.append(f"noise        M = {noise['margin']:.6f} (max - min of {runs} baseline runs)")
-    out.append("kept changes (gain over the previous best):" if s["kept_changes"] else "no kept changes yet")
+    out.append("kept changes (gain over the kept commit before; test_bpb beside):" if s["kept_changes"]
+               else "no kept changes yet")
     for k in s["kept_changes"]:
         gain = "      n/a" if k["gain"] is None else f"{k['gain']:+.6f}"
         mark = "≈noise" if k["within_noise"] else ""
+        test = "" if k["test_bpb"] is None else f"  test {k['test_bpb']:.6f}"
         reruns = f"  (mean of {k['runs']} runs)" if k["runs"] > 1 else ""
-        out.append(f"  #{k['index']:<3} {k['commit']}  {k['val_bpb']:.6f}  {gain}  {mark:6}  "
+        out.append(f"  #{k['index']:<3} {k['commit']}  {k['val_bpb']:.6f}  {gain}  {mark:6}{test}  "
                    f"{k['description']}{reruns}")
     return "\n".join(out)
 
@@ -282,15 +341,19 @@ def make_figure(rows, summary):
             ax.plot(marks, [y] * len(marks), style, color=color, ms=7, mew=2 if style == "x" else 1,
                     clip_on=False, transform=ax.get_xaxis_transform(), label=name)
 
-    best_x, best_y = [], []
     steps = [(0, summary["baseline"]["val_bpb"])] + [(k["index"], k["val_bpb"]) for k in summary["kept_changes"]]
-    for x, y in steps:
-        if y is not None and (not best_y or y < best_y[-1]):
-            best_x.append(x)
-            best_y.append(y)
+    best_x, best_y = zip(*[(x, y) for x, y in steps if y is not None]) if steps[0][1] is not None else ((), ())
     if best_y:
-        ax.step(best_x + [max(xs)], best_y + best_y[-1:], where="post", color="tab:green",
-                lw=1.5, alpha=0.7, label="running best (mean of a commit's runs)")
+        ax.step([*best_x, max(xs)], [*best_y, best_y[-1]], where="post", color="tab:green",
+                lw=1.5, alpha=0.7, label="the kept commit (mean of its runs)")
+    tests = [(0, summary["baseline"]["test_bpb"])] + [(k["index"], k["test_bpb"]) for k in summary["kept_changes"]]
+    tests = [(x, y) for x, y in tests if y is not None]
+    if tests:   # the kept runs on the test split: how much of the staircase holds on data nobody tuned on
+        twin = ax.twinx()
+        twin.step([x for x, _ in tests] + [max(xs)], [y for _, y in tests] + [tests[-1][1]], where="post",
+                  color="tab:purple", lw=1.5, ls="--", label="the kept commit on the test split (right axis)")
+        twin.set_ylabel("test_bpb of the kept commits", color="tab:purple")
+        twin.legend(loc="upper right", fontsize=8, frameon=False)
     # Kept labels hang straight down below the staircase (empty there); a label too close to
     # the previous one moves right, with a leader line, so that none overlap.
     min_gap = 13 * (max(xs) + 1) / (0.85 * fig.get_figwidth() * fig.dpi)  # ~13 px in data units
@@ -344,13 +407,41 @@ def plot_progress(rows, summary, png_path):
     return png_path
 
 
+def check_run(log_path, records_path):
+    """The keep guard: 0 and one line if a record of HEAD backs the val_bpb that the run's log prints; else 1 and
+    one line saying what does not hold."""
+    try:
+        val_bpb = parse_summary(Path(log_path).read_text(errors="replace")).get("val_bpb")
+    except OSError as e:
+        val_bpb, why = None, f"cannot read {log_path} ({e.strerror})"
+    else:
+        why = f"{log_path} has no `val_bpb:` line: the run crashed"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    records, _ = evaluations.read(records_path)
+    if val_bpb is not None and _value(val_bpb) is not None:
+        if records is None:
+            why = f"no {records_path}: the harness wrote no record of this run; do not keep it"
+        else:
+            record, why = evaluations.backing(head, float(val_bpb), records)
+            if record is not None:
+                print(f"backed: the harness measured val_bpb {val_bpb} for {head[:7]} ({record['time']})")
+                return 0
+            why = f"val_bpb {val_bpb} of {head[:7]} is not backed: {why}; do not keep it"
+    print(f"analysis.py --check: {why}", file=sys.stderr)
+    return 1
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Summarize results.tsv and plot progress.png.")
     parser.add_argument("results", nargs="?", default="results.tsv", help="default: ./results.tsv")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--png", help="where to write the plot (default: progress.png next to results.tsv)")
     parser.add_argument("--no-png", action="store_true", help="do not write the plot")
+    parser.add_argument("--check", metavar="RUN_LOG", help="instead: does the harness's record back the val_bpb of "
+                        "this run's log, for HEAD, from a clean tree and the frozen constants? (program.md's guard)")
     args = parser.parse_args(argv)
+    if args.check:
+        return check_run(args.check, Path(args.results).with_name(evaluations.RECORDS_FILE))
     warnings = []
     try:
         try:
@@ -361,7 +452,10 @@ def main(argv=None):
             if len(warnings) > MAX_WARNINGS:
                 print(f"analysis.py: {len(warnings) - MAX_WARNINGS} more lines skipped or odd, "
                       "not shown one by one", file=sys.stderr)
-        summary = summarize(rows)
+        records, bad = evaluations.read(Path(args.results).with_name(evaluations.RECORDS_FILE))
+        if bad:
+            warnings.append((None, f"{evaluations.RECORDS_FILE}: {bad} line{'s' * (bad != 1)} that are no record"))
+        summary = summarize(rows, records)
         png = None
         if not args.no_png:
             png = Path(args.png) if args.png else Path(args.results).with_name("progress.png")

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import datasets, loader, records
+from harness import datasets, evaluations, loader, records
 from harness.attention import choose_attention
 from harness.datasets import DATASET_REPO, VAL_FILENAME  # noqa: F401
 from harness.errors import HarnessError
-from harness.gpu import fit_device_batch  # noqa: F401 (train.py's: halves the device batch until it fits)
+from harness.gpu import fit_device_batch, is_out_of_memory  # noqa: F401 (fit_device_batch: train.py's)
 from harness.tokenizer import BOS_TOKEN, SPECIAL_TOKENS, encoding_from_meta, Tokenizer as _Tokenizer  # noqa: F401
 
 # ---------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def make_dataloader(tokenizer, B, T, split, device=None):
 
 def validation_rows(tokenizer, T, n_rows):
     """The first n_rows packed validation rows, (n_rows, T + 1), cached once packed."""
-    return loader.validation_rows(tokenizer, T, n_rows, list_shards("val"))
+    return loader.packed_rows(tokenizer, T, n_rows, list_shards("val"))
 
 # ---------------------------------------------------------------------------
 # The training budget: TIME_BUDGET seconds of timed steps, or STEP_BUDGET timed steps in a smoke or test run
@@ -173,11 +173,19 @@ def load_attention(device, head_dim, windows, seq_len):
     when it loads and passes a forward and backward check at the model's head dim and windows, else the slower
     PyTorch fallback (causal SDPA, flex_attention for sliding windows; an explicit mask on the CPU)."""
     repos = {"hopper": FA3_REPO_HOPPER, "other": FA3_REPO_OTHER}
-    return choose_attention(device, head_dim, windows, seq_len, repos, FA3_REVISIONS, FA3_VERSION)
+    attention = choose_attention(device, head_dim, windows, seq_len, repos, FA3_REVISIONS, FA3_VERSION)
+    _ATTENTION["path"] = attention.path
+    return attention
 
 # ---------------------------------------------------------------------------
 # Evaluation (DO NOT CHANGE — this is the fixed metric)
 # ---------------------------------------------------------------------------
+
+# The harness's record of each evaluation, beside results.tsv (harness/evaluations.py), and what this run is: its
+# train.py, commit and clean tree or not, taken now, at the start of the run
+RECORDS = Path.cwd() / evaluations.RECORDS_FILE
+_RUN = evaluations.run_identity(getattr(sys.modules["__main__"], "__file__", None) or sys.argv[0])
+_ATTENTION = {}   # the path load_attention chose
 
 
 def _check_causal(model, batch, before, cuts, vocab_size):
@@ -203,12 +211,58 @@ def _check_causal(model, batch, before, cuts, vocab_size):
                 f"independent, so no val_bpb is reported")
 
 
+def _bits_per_byte(model, rows, batch_size, token_bytes, vocab_size, probe):
+    """(bits per byte of the packed rows (n, T + 1), the batch size that fit). On an out-of-memory error the batch
+    is halved and the same rows scored again, so that the number never depends on the batch size."""
+    import torch
+    import torch.nn.functional as F
+    device, (n_rows, T) = token_bytes.device, (len(rows), rows.shape[1] - 1)
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    done = 0
+    while done < n_rows:
+        b = min(batch_size, n_rows - done)
+        batch = torch.from_numpy(rows[done:done + b].astype(np.int64)).to(device)
+        x, y = batch[:, :-1], batch[:, 1:]   # views with row stride T + 1, as the training loader yields
+        try:
+            logits = model(x)
+            if not (torch.is_tensor(logits) and logits.dim() == 3 and logits.shape[:2] == (b, T)
+                    and logits.shape[2] >= vocab_size):
+                shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+                raise HarnessError(f"model(x) must return logits of shape (B, T, >= {vocab_size}), got {shape}")
+            if probe and done == 0:   # the causality probe compares these positions: copied, so the batch can go
+                cuts = [T // 2, T // 4][:b]
+                before = [logits[row, :cut].float().clone() for row, cut in enumerate(cuts)]
+            nats_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for i in range(0, b, 8):   # in chunks, so that float32 log-probs never need a second full copy
+                nats = F.cross_entropy(logits[i:i + 8].float().flatten(0, 1), y[i:i + 8].flatten(), reduction="none")
+                nats_sum += (nats * (token_bytes[y[i:i + 8].flatten()] > 0)).sum(dtype=torch.float64)
+            del logits, nats   # before the next forward: one batch of logits alive at a time
+            if probe and done == 0:
+                _check_causal(model, batch, before, cuts, vocab_size)
+                del before
+        except Exception as e:
+            if batch_size == 1 or not is_out_of_memory(e):
+                raise
+            logits = nats = before = None   # free the failed attempt before the smaller one
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"evaluation: a batch of {batch_size} runs out of GPU memory: scoring with {batch_size // 2}")
+            batch_size //= 2
+            continue
+        total_nats += nats_sum
+        total_bytes += token_bytes[y.flatten()].sum(dtype=torch.int64)
+        done += b
+    return total_nats.item() / (math.log(2) * total_bytes.item()), batch_size
+
+
 def evaluate_bpb(model, tokenizer, batch_size):
     """Bits per byte on the validation shard: the same EVAL_TOKENS // MAX_SEQ_LEN rows for any batch size.
     The model gets inputs only and returns logits (B, T, V); the loss is computed here. At most one batch
-    of logits is alive at a time: each is freed before the next forward, the causality probe's included."""
+    of logits is alive at a time: each is freed before the next forward, the causality probe's included.
+    Then the test split (a quarter as many rows, never trained on) is scored the same way, and both numbers go
+    into the harness's record of this run (evaluations.jsonl); the test score goes nowhere else."""
     import torch
-    import torch.nn.functional as F
     with torch.no_grad():
         T, n_rows = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
         param = next(iter(model.parameters()), None)
@@ -216,32 +270,28 @@ def evaluate_bpb(model, tokenizer, batch_size):
         vocab_size = tokenizer.get_vocab_size()
         token_bytes = get_token_bytes(device)
         rows = validation_rows(tokenizer, T, n_rows)
-        total_nats = torch.zeros((), dtype=torch.float64, device=device)
-        total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-        done = 0
-        while done < n_rows:
-            b = min(batch_size, n_rows - done)
-            batch = torch.from_numpy(rows[done:done + b].astype(np.int64)).to(device)
-            x, y = batch[:, :-1], batch[:, 1:]   # views with row stride T + 1, as the training loader yields
-            logits = model(x)
-            if not (torch.is_tensor(logits) and logits.dim() == 3 and logits.shape[:2] == (b, T)
-                    and logits.shape[2] >= vocab_size):
-                shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
-                raise HarnessError(f"model(x) must return logits of shape (B, T, >= {vocab_size}), got {shape}")
-            if done == 0:   # the causality probe compares these positions: copied, so that the batch can go
-                cuts = [T // 2, T // 4][:b]
-                before = [logits[row, :cut].float().clone() for row, cut in enumerate(cuts)]
-            for i in range(0, b, 8):   # in chunks, so that float32 log-probs never need a second full copy
-                nats = F.cross_entropy(logits[i:i + 8].float().flatten(0, 1), y[i:i + 8].flatten(), reduction="none")
-                nbytes = token_bytes[y[i:i + 8].flatten()]
-                total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
-                total_bytes += nbytes.sum(dtype=torch.int64)
-            del logits, nats   # before the next forward: one batch of logits alive at a time
-            if done == 0:
-                _check_causal(model, batch, before, cuts, vocab_size)
-                del before
-            done += b
-        return total_nats.item() / (math.log(2) * total_bytes.item())
+        val_bpb, batch_size = _bits_per_byte(model, rows, batch_size, token_bytes, vocab_size, probe=True)
+        test_bpb, no_test = None, None
+        try:
+            rows = loader.packed_rows(tokenizer, T, max(1, n_rows // 4), list_shards("test"))
+        except HarnessError as e:   # a cache prepared before there was a test split
+            no_test = str(e.code)
+        else:
+            test_bpb, batch_size = _bits_per_byte(model, rows, batch_size, token_bytes, vocab_size, probe=False)
+    _record(val_bpb, test_bpb, no_test, batch_size, device)
+    return val_bpb
+
+
+def _record(val_bpb, test_bpb, no_test, batch_size, device):
+    """This evaluation in evaluations.jsonl: what ran, on what, with which constants, and what it scored."""
+    import torch
+    constants = dict(MAX_SEQ_LEN=MAX_SEQ_LEN, EVAL_TOKENS=EVAL_TOKENS, VOCAB_SIZE=VOCAB_SIZE, TIME_BUDGET=TIME_BUDGET)
+    frozen = evaluations.frozen_constants(__file__)
+    evaluations.append(RECORDS, dict(
+        _RUN, seed=int(os.environ.get("SEED", 42)), val_bpb=val_bpb, test_bpb=test_bpb, no_test_split=no_test,
+        constants=constants, frozen_constants=frozen, constants_frozen=constants == frozen, step_budget=STEP_BUDGET,
+        eval_batch_size=batch_size, dataset=DATASET, attention=_ATTENTION.get("path"),
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__))
 
 
 if __name__ == "__main__":

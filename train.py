@@ -375,7 +375,7 @@ model_dim = -(-DEPTH * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM  # rounded up to a m
 config = GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size, n_layer=DEPTH, n_head=model_dim // HEAD_DIM,
                    n_kv_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN)
 fa3 = load_attention(device, HEAD_DIM, window_sizes(config), MAX_SEQ_LEN)  # FA3 if it loads and checks out
-print(f"attention: {fa3.description}")
+print(f"attention kernel: {fa3.description}")
 with torch.device("meta"):  # build without allocating, then materialise on the device and initialise
     model = GPT(config)
 model.to_empty(device=device)

@@ -20,7 +20,7 @@ from harness.datasets import (DATASET_REPO, MAX_SHARD, check_prepared, dataset_n
                               read_source)
 from harness.download import download_data
 from harness.errors import HarnessError
-from harness.loader import validation_rows
+from harness.loader import packed_rows
 from harness.records import atomic_write, check_metric_files, lock_cache
 from harness.smoke import run_smoke
 from harness.sources import check_source, convert_dataset, copy_source
@@ -32,7 +32,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="prepare.py",
                                      description="Download the data and train the tokenizer (run once).")
     parser.add_argument("--num-shards", type=int, default=10,
-                        help=f"training shards to download, 1 to {MAX_SHARD}, or -1 for all (default 10)")
+                        help=f"training shards to download, 1 to {MAX_SHARD - 1}, or -1 for all (default 10)")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads (default 8)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--source", metavar="DIR",
@@ -47,8 +47,8 @@ def parse_args(argv):
     if args.text_column and not (args.dataset or args.source):
         raise HarnessError("--text-column goes with --source DIR or --dataset NAME: it names their text column")
     if args.num_shards == 0 or args.num_shards < -1:
-        raise HarnessError(f"--num-shards {args.num_shards}: give 1 to {MAX_SHARD} training shards, or -1 for all "
-                           f"of them")
+        raise HarnessError(f"--num-shards {args.num_shards}: give 1 to {MAX_SHARD - 1} training shards, or -1 for "
+                           f"all of them")
     return args
 
 
@@ -63,6 +63,16 @@ def smoke(prepare):
         raise HarnessError(f"--smoke needs a prepared cache and {prepare.DATA_DIR.parent} has none: run "
                            f"`uv run prepare.py` first (or with --source DIR)") from None
     return run_smoke(Path(prepare.__file__).with_name("train.py"), prepare.DATASET)
+
+
+def held_out(data_dir):
+    """The test split's shard, [] (with a note) for data with none: --source with only two files."""
+    try:
+        return list_shards("test", data_dir)
+    except HarnessError:
+        print("note: no test split (--source needs 3 files: training, test and validation), so the morning report "
+              "cannot say how much of a night's gain holds on unseen data")
+        return []
 
 
 def next_step():
@@ -95,11 +105,13 @@ def main(prepare, argv=None):
     if args.dataset:
         done, converted = convert_dataset(name, args.text_column or "text", data_dir)
         print(f"data: {done['train_shards']} training shards ({done['train_docs']:,} documents) + validation "
-              f"({done['validation']}), {'converted' if converted else 'already'} in {data_dir}")
+              f"({done['validation']}) + test ({done['test']}), {'converted' if converted else 'already'} in "
+              f"{data_dir}")
     elif args.source:
-        n_train, val_name, copied = copy_source(args.source, data_dir, cache, args.text_column or "text")
-        print(f"data: {n_train} training shards + validation ({val_name}) from {args.source}, "
-              f"{copied} copied into {data_dir}")
+        n_train, val_name, test_name, copied = copy_source(args.source, data_dir, cache, args.text_column or "text")
+        test = f" + test ({test_name})" if test_name else ""
+        print(f"data: {n_train} training shards + validation ({val_name}){test} from {args.source}, {copied} copied "
+              f"into {data_dir}")
     else:
         fetched, present = download_data(args.num_shards, args.download_workers, data_dir)
         print(f"data: {fetched} shards downloaded, {present} already present, in {data_dir}")
@@ -112,11 +124,14 @@ def main(prepare, argv=None):
     meta, sha = check_metric_files(tokenizer_dir, cache, prepare.MAX_SEQ_LEN,
                                    prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN, all_files=False)
     tokenizer = Tokenizer(encoding_from_meta(meta), id=sha[:16])
-    val = list_shards("val", data_dir)
-    written = cache_tokens(tokenizer, val + list_shards("train", data_dir)[:TOKEN_CACHE_SHARDS])
-    validation_rows(tokenizer, prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN, val)
+    val, test = list_shards("val", data_dir), held_out(data_dir)
+    written = cache_tokens(tokenizer, val + test + list_shards("train", data_dir)[:TOKEN_CACHE_SHARDS])
+    n_rows = prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN
+    packed_rows(tokenizer, prepare.MAX_SEQ_LEN, n_rows, val)
+    if test:
+        packed_rows(tokenizer, prepare.MAX_SEQ_LEN, max(1, n_rows // 4), test)
     print(f"tokens: {written} shards tokenized into {tokens_dir(root, tokenizer)} in {time.time() - t1:.1f}s, "
-          f"validation rows packed")
+          f"validation{' and test' if test else ''} rows packed")
     if name:   # the pointer that makes this dataset the active one for train.py
         atomic_write(Path(cache) / "dataset.txt", lambda tmp: tmp.write_text(name + "\n"))
     else:

@@ -17,6 +17,8 @@ from harness.errors import HarnessError
 DATASET_REPO = "karpathy/climbmix-400b-shuffle"   # the default dataset on the Hugging Face hub
 MAX_SHARD = 6542                                  # its shards are shard_00000 ... shard_06542
 VAL_FILENAME = f"shard_{MAX_SHARD:05d}.parquet"   # the last shard is pinned for validation, in every dataset
+TEST_FILENAME = f"shard_{MAX_SHARD - 1:05d}.parquet"   # the one before it for the test split, never trained on
+SPLITS = {"val": VAL_FILENAME, "test": TEST_FILENAME}   # one-shard splits; "train" is every other shard
 
 
 def shard_name(index):
@@ -75,15 +77,16 @@ def check_prepared(root, chosen_by):
 
 
 def list_shards(split, data_dir, chosen_by=None):
-    """Parquet shards of a split: 'train' is every shard but the pinned validation one. `chosen_by` names what
-    made this dataset the active one, for the line that says none is there."""
+    """Parquet shards of a split: 'val' and 'test' are one pinned shard each, 'train' every other shard. `chosen_by`
+    names what made this dataset the active one, for the line that says none is there."""
     data_dir = Path(data_dir)
     names = sorted(p.name for p in data_dir.glob("shard_*.parquet")) if data_dir.is_dir() else []
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-    names = [n for n in names if (n == VAL_FILENAME) == (split == "val")]
+    if split not in ("train", *SPLITS):
+        raise ValueError(f"split must be 'train', 'val' or 'test', not {split!r}")
+    names = [n for n in names if n == SPLITS[split]] if split in SPLITS else \
+        [n for n in names if n not in SPLITS.values()]
     if not names:
-        what = "validation shard" if split == "val" else "training shards"
+        what = {"val": "validation shard", "test": "test shard", "train": "training shards"}[split]
         check_prepared(data_dir.parent, chosen_by)
         raise HarnessError(f"no {what} in {data_dir}: run `uv run prepare.py` (or with --source DIR or --dataset NAME)")
     return [data_dir / n for n in names]

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from harness.datasets import DATASET_REPO, MAX_SHARD, VAL_FILENAME, check_shard, read_source, shard_name
+from harness.datasets import DATASET_REPO, MAX_SHARD, TEST_FILENAME, VAL_FILENAME, check_shard, read_source, shard_name
 from harness.errors import HarnessError
 from harness.records import claim, read_record, record_path, write_record
 
@@ -159,8 +159,8 @@ def _fetch_shard(name, data_dir):
 
 
 def download_data(num_shards, workers, data_dir):
-    """Download the validation shard and the first `num_shards` training shards (-1: all). Returns (fetched,
-    present)."""
+    """Download the validation and test shards and the first `num_shards` training shards (-1: all of the
+    MAX_SHARD - 1 before the test shard). Returns (fetched, present)."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")   # read when huggingface_hub is first imported
     from huggingface_hub.utils import disable_progress_bars
     from tqdm import tqdm
@@ -168,8 +168,8 @@ def download_data(num_shards, workers, data_dir):
     data_dir.mkdir(parents=True, exist_ok=True)
     for orphan in (data_dir / ".cache" / "huggingface" / "download").glob("*.incomplete"):
         orphan.unlink()   # left by a killed download; the hub client never resumes these
-    n_train = MAX_SHARD if num_shards < 0 else min(num_shards, MAX_SHARD)
-    wanted = [VAL_FILENAME] + [shard_name(i) for i in range(n_train)]
+    n_train = MAX_SHARD - 1 if num_shards < 0 else min(num_shards, MAX_SHARD - 1)
+    wanted = [VAL_FILENAME, TEST_FILENAME] + [shard_name(i) for i in range(n_train)]
     ours = read_source(data_dir).get("dataset") == DATASET_REPO   # else claim deletes what is there
     missing = []
     for name in wanted:

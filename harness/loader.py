@@ -9,7 +9,7 @@ import collections
 import numpy as np
 
 from harness.errors import HarnessError
-from harness.records import cache_validation_rows, read_record, validation_rows_file
+from harness.records import cache_packed_rows, packed_rows_file, read_record
 from harness.tokens import cached_tokens, token_dtype, tokenize_shard
 
 LOADER_BUFFER = 1000   # tokenized documents kept for best-fit packing
@@ -97,18 +97,18 @@ def make_dataloader(tokenizer, B, T, paths, device=None):
         yield batch[:, :-1], batch[:, 1:], epoch
 
 
-def validation_rows(tokenizer, T, n_rows, val_paths):
-    """The first n_rows packed rows of the validation shard, (n_rows, T + 1): read from the cache when the file
-    there matches its record, else packed now (and cached, if the cache can be written)."""
+def packed_rows(tokenizer, T, n_rows, paths):
+    """The first n_rows packed rows of a one-shard split (validation, test), (n_rows, T + 1): read from the cache
+    when the file there matches its record, else packed now (and cached, if the cache can be written)."""
     path = None
     if tokenizer.id:
-        path, made_from = validation_rows_file(val_paths[0].parent.parent, tokenizer.id, T, n_rows)
+        path, made_from = packed_rows_file(paths[0], tokenizer.id, T, n_rows)
         if read_record(path, made_from):
             return np.load(path, allow_pickle=False)
-    packer = BestFitPacker(tokenizer, val_paths, full=True)
+    packer = BestFitPacker(tokenizer, paths, full=True)
     rows = np.empty((n_rows, T + 1), dtype=token_dtype(tokenizer.get_vocab_size()))
     for row in rows:
         packer.fill(row)
     if path is not None:
-        cache_validation_rows(path, rows, made_from)
+        cache_packed_rows(path, rows, made_from)
     return rows

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.datasets import VAL_FILENAME, read_source
+from harness.datasets import TEST_FILENAME, VAL_FILENAME, read_source
 from harness.errors import HarnessError
 
 
@@ -59,19 +59,20 @@ def shard_sha256(path, full=True):
     return record["sha256"]
 
 
-def validation_rows_file(root, tokenizer_id, T, n_rows):
-    """Where a dataset root caches its packed validation rows, and what they are made from (by content)."""
-    shard = shard_sha256(root / "data" / VAL_FILENAME)
-    made_from = {"shard": shard, "tokenizer": tokenizer_id, "T": T, "rows": n_rows}
-    return root / "tokens" / tokenizer_id / f"val_rows_T{T}_N{n_rows}.npy", made_from
+def packed_rows_file(shard, tokenizer_id, T, n_rows):
+    """Where a dataset caches the packed rows of a one-shard split (validation: val_rows_..., test: test_rows_...),
+    and what they are made from (by content)."""
+    split = "val" if Path(shard).name == VAL_FILENAME else "test"
+    made_from = {"shard": shard_sha256(shard), "tokenizer": tokenizer_id, "T": T, "rows": n_rows}
+    return Path(shard).parent.parent / "tokens" / tokenizer_id / f"{split}_rows_T{T}_N{n_rows}.npy", made_from
 
 
 def check_metric_files(tokenizer_dir, cache_dir, T, n_rows, all_files=True):
     """
     The saved tokenizer's metadata and sha256, under a shared lock on the cache (lock_cache), once tokenizer.json
-    matches its record and (`all_files`) so do the files the metric depends on: token byte lengths, validation
-    shard and its rows of T + 1 tokens. A run refuses in one line, before training, to report a val_bpb from
-    files that do not.
+    matches its record and (`all_files`) so do the files the metric depends on: token byte lengths, the
+    validation and test shards and their rows of T + 1 tokens (n_rows, and a quarter as many). A run refuses in
+    one line, before training, to report a val_bpb from files that do not.
     """
     lock_cache(cache_dir, exclusive=False)
     path = tokenizer_dir / "tokenizer.json"
@@ -90,10 +91,11 @@ def check_metric_files(tokenizer_dir, cache_dir, T, n_rows, all_files=True):
     token_bytes = tokenizer_dir / "token_bytes.npy"
     if all_files and token_bytes.exists() and read_record(token_bytes, {"tokenizer": sha}) is None:
         raise HarnessError(mismatch(token_bytes))
-    if all_files and (tokenizer_dir.parent / "data" / VAL_FILENAME).exists():
-        rows, made_from = validation_rows_file(tokenizer_dir.parent, sha[:16], T, n_rows)
-        if rows.exists() and read_record(rows, made_from) is None:
-            raise HarnessError(mismatch(rows))
+    for shard, n in ((VAL_FILENAME, n_rows), (TEST_FILENAME, max(1, n_rows // 4))):
+        if all_files and (tokenizer_dir.parent / "data" / shard).exists():
+            rows, made_from = packed_rows_file(tokenizer_dir.parent / "data" / shard, sha[:16], T, n)
+            if rows.exists() and read_record(rows, made_from) is None:
+                raise HarnessError(mismatch(rows))
     return meta, sha
 
 
@@ -207,11 +209,11 @@ def claim(data_dir, name):
         write_source(data_dir, dataset=name)
 
 
-def cache_validation_rows(path, rows, made_from):
-    """Cache the packed validation rows for the next run; only an optimisation: a failure is a note, not an error."""
+def cache_packed_rows(path, rows, made_from):
+    """Cache packed validation or test rows for the next run; only an optimisation: a failure is a note."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_cache_file(path, lambda tmp: save_npy(tmp, rows), made_from, rows.nbytes)
     except (OSError, DiskFull) as e:
         why = e.code if isinstance(e, DiskFull) else f"{type(e).__name__}: {e}"
-        print(f"note: the validation rows are not cached ({why}); they are packed again next time")
+        print(f"note: {path.name} is not cached ({why}); it is packed again next time")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.datasets import MAX_SHARD, VAL_FILENAME, check_shard, read_source, shard_name
+from harness.datasets import MAX_SHARD, TEST_FILENAME, VAL_FILENAME, check_shard, read_source, shard_name
 from harness.download import check_reachable
 from harness.errors import HarnessError, first_line
 from harness.records import claim, read_record, record_path, sha256, write_cache_file, write_source
@@ -38,19 +38,24 @@ def check_source(source, cache_dir):
 
 
 def copy_source(source, data_dir, cache_dir, column="text"):
-    """Mirror a directory of parquet files into the cache under canonical shard names, verified by content; a text
-    column of another name is copied as `text`, the only column the loader reads."""
+    """Mirror a directory of parquet files into the cache under canonical shard names, verified by content: the
+    validation file (shard_06542.parquet, else the last), the test file (shard_06541.parquet, else the one before
+    the validation file, if there are 3 or more) and the training files. A text column of another name is copied
+    as `text`, the only column the loader reads."""
     source, data_dir = check_source(source, cache_dir), Path(data_dir)
     files = sorted(source.glob("*.parquet"))
     if len(files) < 2:
         raise HarnessError(f"--source {source} needs at least 2 parquet files (training + validation), "
                            f"found {len(files)}")
     val = next((f for f in files if f.name == VAL_FILENAME), files[-1])
-    train = [f for f in files if f != val]
-    if len(train) > MAX_SHARD:
-        raise HarnessError(f"--source {source} has {len(train)} training files, more than the {MAX_SHARD} shard names "
-                           f"(shard_00000 ... shard_{MAX_SHARD - 1:05d}): use at most {MAX_SHARD + 1} files")
-    plan = {VAL_FILENAME: val, **{shard_name(i): f for i, f in enumerate(train)}}
+    rest = [f for f in files if f != val]
+    test = next((f for f in rest if f.name == TEST_FILENAME), rest[-1] if len(rest) >= 2 else None)
+    train = [f for f in rest if f != test]
+    if len(train) > MAX_SHARD - 1:
+        raise HarnessError(f"--source {source} has {len(train)} training files, more than the {MAX_SHARD - 1} shard "
+                           f"names (shard_00000 ... shard_{MAX_SHARD - 2:05d}): use at most {MAX_SHARD + 1} files")
+    plan = {VAL_FILENAME: val, **({TEST_FILENAME: test} if test else {}),
+            **{shard_name(i): f for i, f in enumerate(train)}}
     for src in plan.values():
         check_shard(src, column)
     claim(data_dir, f"local:{source}")
@@ -67,7 +72,7 @@ def copy_source(source, data_dir, cache_dir, column="text"):
             (lambda tmp: pq.write_table(pq.read_table(src, columns=[column]).rename_columns(["text"]), tmp))
         write_cache_file(data_dir / name, write, made_from, src.stat().st_size)
         copied += 1
-    return len(train), val.name, copied
+    return len(train), val.name, test and test.name, copied
 
 
 def _texts(rows, name, column):
@@ -128,14 +133,15 @@ def _converted(data_dir, done):
     """Whether data_dir holds exactly the shards of the conversion recorded in `done`, each matching its record."""
     made_from = {"dataset": done.get("dataset"), "text_column": done.get("text_column")}
     shards = sorted(data_dir.glob("shard_*.parquet"))
-    return (len(shards) == done.get("train_shards", -1) + 1
+    return (len(shards) == done.get("train_shards", -1) + 2 and "test" in done
             and all(read_record(p, made_from) for p in shards))
 
 
 def convert_dataset(name, column, data_dir):
     """
-    Stream a `datasets` dataset into shards: its validation split ("validation", "valid" or "test"; else the
-    last documents of train) becomes the pinned validation shard. Returns (source.json, whether converted now).
+    Stream a `datasets` dataset into shards: its validation split ("validation" or "valid"; else the last
+    documents of train but the test's) becomes the pinned validation shard, its "test" split (else the very last
+    documents of train) the test shard. Returns (source.json, whether converted now).
     """
     data_dir = Path(data_dir)
     done = read_source(data_dir)
@@ -157,11 +163,14 @@ def convert_dataset(name, column, data_dir):
     train = "train" if "train" in splits else next(iter(splits)) if len(splits) == 1 else None
     if train is None:
         raise HarnessError(f"{name} has no 'train' split (splits: {', '.join(splits)})")
-    val = next((s for s in ("validation", "valid", "test") if s in splits and s != train), None)
+    val = next((s for s in ("validation", "valid") if s in splits and s != train), None)
+    test = "test" if "test" in splits and train != "test" else None
     staging = data_dir.with_name("data.partial")   # becomes data_dir once complete: a crash leaves nothing trusted
     made_from = {"dataset": name, "text_column": column}
     try:
-        val_docs = next(_chunks(_texts(splits[val], name, column), HOLDOUT_DOCS, HOLDOUT_CHARS), []) if val else []
+        held = lambda split: next(_chunks(_texts(splits[split], name, column), HOLDOUT_DOCS, HOLDOUT_CHARS), []) \
+            if split else []
+        val_docs, test_docs = held(val), held(test)
         docs = _texts(splits[train], name, column)
         first = next(docs, None)   # a missing column or an empty dataset fails before anything is written
         if first is None:
@@ -169,7 +178,9 @@ def convert_dataset(name, column, data_dir):
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         docs = itertools.chain([first], docs)
-        if not val_docs:
+        if not test_docs:   # the very last documents of train
+            test, docs = None, _hold_out_last(docs, test_docs)
+        if not val_docs:    # the ones before those
             val, docs = None, _hold_out_last(docs, val_docs)
         n_shards = n_docs = 0
         for n_shards, chunk in enumerate(_chunks(docs, SHARD_DOCS, SHARD_CHARS), 1):
@@ -180,11 +191,14 @@ def convert_dataset(name, column, data_dir):
                            f"run the same command again") from None
     if n_shards == 0:
         shutil.rmtree(staging)
-        raise HarnessError(f"{name} has only {len(val_docs)} document(s): too few to train on")
+        raise HarnessError(f"{name} has only {len(val_docs) + len(test_docs)} document(s): too few to train on")
     _write_docs(staging / VAL_FILENAME, val_docs, made_from)
+    _write_docs(staging / TEST_FILENAME, test_docs, made_from)
     done = dict(dataset=name, text_column=column, train_shards=n_shards, train_docs=n_docs,
-                validation=f"split {val!r}" if val else f"last {len(val_docs)} documents of {train!r}",
-                validation_docs=len(val_docs))
+                validation=f"split {val!r}" if val else f"last {len(val_docs)} documents of {train!r} but the test's",
+                validation_docs=len(val_docs),
+                test=f"split {test!r}" if test else f"last {len(test_docs)} documents of {train!r}",
+                test_docs=len(test_docs))
     data_dir.with_name("source.json").unlink(missing_ok=True)
     shutil.rmtree(data_dir, ignore_errors=True)   # shards of an older conversion are never mixed with these
     os.replace(staging, data_dir)

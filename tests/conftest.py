@@ -52,6 +52,10 @@ _isolate_environment()
 # The harness's modules (the command line, conversions, the records, the smoke run's toy size, the attention
 # kernels): imported once the environment above is isolated
 from harness import smoke   # noqa: E402
+import prepare   # noqa: E402
+
+# An evaluation in this process records itself in the session's directory, never in the repo's evaluations.jsonl
+prepare.RECORDS = Path(os.environ["AUTORESEARCH_CACHE"]).parent / "evaluations.jsonl"
 
 
 # pytest-xdist hands out whole modules (`--dist loadscope --no-loadscope-reorder`), in this order: the longest
@@ -130,11 +134,12 @@ def write_shard(path, docs, row_group_size=64):
 
 
 def make_corpus(directory, n_train_shards=3, docs_per_shard=400, seed=0):
-    """Training shards shard_00000 ... and the pinned validation shard shard_06542."""
+    """Training shards shard_00000 ..., the test shard shard_06541 and the pinned validation shard shard_06542."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for i in range(n_train_shards):
         write_shard(directory / f"shard_{i:05d}.parquet", make_documents(docs_per_shard, seed + i))
+    write_shard(directory / "shard_06541.parquet", make_documents(docs_per_shard // 4, seed + 2000))
     write_shard(directory / "shard_06542.parquet", make_documents(docs_per_shard // 2, seed + 1000))
     return directory
 

@@ -63,9 +63,9 @@ def test_json_known_answers(report):
     assert s["reruns"] == 3
     assert s["keep_rate"] == 0.5
     assert s["baseline"] == {"commit": "a1b2c3d", "val_bpb": pytest.approx(BASELINE, abs=1e-6),
-                             "description": "baseline"}
+                             "description": "baseline", "test_bpb": None}   # no records: no test split
     assert s["best"] == {"commit": "e5f6a7b", "val_bpb": pytest.approx(0.9944, abs=1e-9),
-                         "description": "lower matrix lr"}
+                         "description": "lower matrix lr", "test_bpb": None}
     assert s["noise"] == {"runs": 3, "margin": pytest.approx(0.0012, abs=1e-9),
                           "baseline_mean": pytest.approx(BASELINE, abs=1e-6)}
     assert s["improvement"]["absolute"] == pytest.approx(BASELINE - 0.9944, abs=1e-6)
@@ -119,7 +119,7 @@ def test_text_report(results, capsys):
 def test_default_path_is_results_tsv_in_cwd(results):
     proc = run("--no-png", cwd=results.parent)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("results.tsv: 4 experiments")
+    assert proc.stdout.splitlines()[1].startswith("results.tsv: 4 experiments")
 
 
 def test_single_baseline_has_no_margin(tmp_path):
@@ -192,7 +192,7 @@ def test_a_bad_line_is_skipped_not_the_file(tmp_path):
 
 # Every deviation that real results.tsv files show (lines numbered as the file has them).
 # BOM; a reordered header with an extra column and no memory_gb; CRLF, LF, CR alone; blank lines; no final
-# newline; separator, comment, repeated header, wrong field count and unknown status (skipped); status
+# newline; separator, comment, repeated header and wrong field count (skipped); an unknown status (other); status
 # synonyms in any case; N/A, FAILED, empty, zero, negative, inf, nan as val_bpb; labels as commits.
 MESSY = [
     "\ufeffStatus\tcommit\tdescription\tval_bpb\tgpu\r\n",                                   # 1
@@ -206,7 +206,7 @@ MESSY = [
     "failed\td4e5f6a\tdouble width (OOM)\t\tH100\n",                                         # 9
     "crashed\texp-7\tdepth 12\tFAILED\n",                                                    # 10 skipped
     "error\texp-8\ttypo\tFAILED\tH100\n",                                                    # 11
-    "pending\te5f6a7b\tstill running\t0.990000\tH100\n",                                     # 12 skipped
+    "pending\te5f6a7b\tstill running\t0.990000\tH100\n",                                     # 12 other
     "best\tf6a7b8c\tlr 0.05\t0.995000\tH100\r\n",                                            # 13
     "KEEP\t0a1b2c3\tzero value\t0.000000\tH100\n",                                            # 14
     "discard\t1b2c3d4\tnegative\t-1.5\tH100\n",                                               # 15
@@ -215,7 +215,7 @@ MESSY = [
     "status\tcommit\tdescription\tval_bpb\tgpu\n",                                             # 18 skipped
     "discard\t4e5f6a7\tlast line, no newline\t0.997000\tH100",                                # 19
 ]
-MESSY_SKIPPED = [5, 7, 10, 12, 18]
+MESSY_SKIPPED = [5, 7, 10, 18]
 
 
 def test_messy_results_tsv_is_read(tmp_path):
@@ -224,17 +224,20 @@ def test_messy_results_tsv_is_read(tmp_path):
     proc = run(path, "--json")
     assert proc.returncode == 0, proc.stderr
     s = json.loads(proc.stdout)
-    assert (s["experiments"], s["reruns"], s["kept"], s["discarded"], s["crashed"]) == (10, 1, 3, 5, 2)
+    assert (s["experiments"], s["reruns"], s["kept"], s["discarded"], s["crashed"]) == (11, 1, 3, 5, 2)
+    assert (s["other"], s["other_statuses"]) == (1, ["pending"])   # counted and shown, never dropped
     assert s["skipped_lines"] == MESSY_SKIPPED
     warnings = proc.stderr.splitlines()
-    assert len(warnings) == len(MESSY_SKIPPED)   # one per skipped line, each naming its line
+    assert len(warnings) == len(MESSY_SKIPPED) + 1   # one per skipped line, each naming its line; one for `pending`
     for lineno, warning in zip(MESSY_SKIPPED, warnings):
         assert warning.startswith(f"analysis.py: {path} line {lineno}: skipped: ")
-    assert "unknown status 'pending'" in warnings[3]
-    assert s["baseline"] == {"commit": "a1b2c3d", "val_bpb": 0.9985, "description": "baseline"}
+    assert warnings[-1] == f"analysis.py: {path}: status 'pending' (line 12) is not keep, discard or crash: " \
+                           f"counted as other"
+    assert s["baseline"] == {"commit": "a1b2c3d", "val_bpb": 0.9985, "description": "baseline", "test_bpb": None}
     assert s["noise"] == {"runs": 2, "margin": pytest.approx(0.001, abs=1e-9), "baseline_mean": 0.9985}
-    assert s["best"] == {"commit": "f6a7b8c", "val_bpb": 0.995, "description": "lr 0.05"}  # not 0, -1.5, inf
-    assert [(k["index"], k["commit"]) for k in s["kept_changes"]] == [(1, "b2c3d4e-dirty"), (5, "f6a7b8c")]
+    assert s["best"] == {"commit": "f6a7b8c", "val_bpb": 0.995, "description": "lr 0.05",   # not 0, -1.5, inf
+                         "test_bpb": None}
+    assert [(k["index"], k["commit"]) for k in s["kept_changes"]] == [(1, "b2c3d4e-dirty"), (6, "f6a7b8c")]
     # the description arrives whole, its control characters as visible escapes
     assert s["kept_changes"][0]["description"] == r"warmdown $\frac{1}{2}$ C:\tmp \x1b[2J\x07\x9b\u2028\x0c end"
     assert matplotlib.image.imread(tmp_path / "progress.png").shape[1] >= 800
@@ -289,7 +292,7 @@ def test_rerun_logged_before_its_keep(tmp_path, monkeypatch):
     proc = run(path, "--json", "--no-png")
     s = json.loads(proc.stdout)
     assert (s["experiments"], s["reruns"], s["kept"]) == (2, 3, 2)
-    assert s["best"] == {"commit": "c3d4e5f", "val_bpb": 0.9956, "description": "lower matrix lr"}
+    assert s["best"] == {"commit": "c3d4e5f", "val_bpb": 0.9956, "description": "lower matrix lr", "test_bpb": None}
     assert [(k["commit"], k["runs"]) for k in s["kept_changes"]] == [("b2c3d4e", 1), ("c3d4e5f", 2)]
     ax = drawn(path, monkeypatch)
     assert labelled(ax, "kept") == [[0, 0.9979], [1, 0.9961], [2, 0.9957]]

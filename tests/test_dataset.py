@@ -73,16 +73,18 @@ def test_dataset_is_converted_into_a_cache_of_its_own_and_made_active(built, sto
     directory, train_docs, val_docs = stories
     root = root_of(cache, directory)
     data = root / "data"
-    assert sorted(p.name for p in data.glob("*.parquet")) == ["shard_00000.parquet", "shard_06542.parquet"]
+    assert sorted(p.name for p in data.glob("*.parquet")) == [
+        "shard_00000.parquet", "shard_06541.parquet", "shard_06542.parquet"]
     assert texts(data / "shard_06542.parquet") == val_docs   # the dataset's own validation split, pinned
-    assert texts(data / "shard_00000.parquet") == train_docs   # in order; empty and None texts skipped
-    assert not set(train_docs) & set(val_docs)
+    assert texts(data / "shard_06541.parquet") == train_docs[-15:]   # no test split: the last 1% of train
+    assert texts(data / "shard_00000.parquet") == train_docs[:-15]   # in order; empty and None texts skipped
+    assert not set(train_docs[:-15]) & set(val_docs)
     assert pq.ParquetFile(data / "shard_00000.parquet").metadata.row_group(0).num_rows == 1024
     assert json.loads((root / "source.json").read_text())["dataset"] == str(directory)
     assert (root / "tokenizer" / "tokenizer.json").exists() and list((root / "tokens").glob("*/*.tokens.npy"))
     assert (cache / "dataset.txt").read_text().strip() == str(directory)
     assert active(cache, tmp_path) == [str(directory), str(data), str(root / "tokenizer")]
-    assert "1 training shards (1,500 documents)" in result.stdout and f"dataset {directory} is active" in result.stdout
+    assert "1 training shards (1,485 documents)" in result.stdout and f"dataset {directory} is active" in result.stdout
     # the default cache is untouched and shares no file with the dataset's
     after = files(cache)
     assert {p: h for p, h in after.items() if p in default_files} == default_files
@@ -114,8 +116,8 @@ def test_source_is_made_active_again_and_the_variable_overrides(built, stories, 
 def test_train_only_dataset_holds_out_its_last_documents(tmp_path):
     directory = tmp_path / "tales"
     directory.mkdir()
-    # the last 20 long: the validation rows packed at prepare time (EVAL_TOKENS) take fewer passes over them
-    docs = make_documents(1980, seed=3) + ["\n".join(make_documents(30, seed=100 + i)) for i in range(20)]
+    # the last 40 long: the rows packed at prepare time (EVAL_TOKENS) take fewer passes over them
+    docs = make_documents(1960, seed=3) + ["\n".join(make_documents(30, seed=100 + i)) for i in range(40)]
     pq.write_table(pa.table({"story": docs[:1200], "n": list(range(1200))}), directory / "part-0.parquet")
     pq.write_table(pa.table({"story": docs[1200:], "n": list(range(800))}), directory / "part-1.parquet")
     root = root_of(tmp_path / "cache", directory)
@@ -125,10 +127,11 @@ def test_train_only_dataset_holds_out_its_last_documents(tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in root.iterdir()) == ["data", "source.json", "tokenizer", "tokens"]
     data = root / "data"
-    assert texts(data / "shard_06542.parquet") == docs[-20:]   # the last 1%
-    assert texts(data / "shard_00000.parquet") == docs[:-20]   # never in a training shard
-    assert not set(docs[-20:]) & set(docs[:-20])
-    assert "last 20 documents of 'train'" in result.stdout
+    assert texts(data / "shard_06541.parquet") == docs[-20:]   # test: the last 1%
+    assert texts(data / "shard_06542.parquet") == docs[-39:-20]   # validation: the last 1% of the rest
+    assert texts(data / "shard_00000.parquet") == docs[:-39]   # neither ever in a training shard
+    assert "last 19 documents of 'train' but the test's" in result.stdout
+    assert "test (last 20 documents of 'train')" in result.stdout
     assert active(tmp_path / "cache", tmp_path)[:2] == [str(directory), str(data)]
 
 
@@ -194,12 +197,12 @@ def test_sources_keep_their_shards_apart_and_switching_back_and_forth_redoes_not
             assert result.returncode == 0, result.stderr
             return result.stdout
 
-        assert "3 shards downloaded" in prepare("--num-shards", "2")
+        assert "4 shards downloaded" in prepare("--num-shards", "2")
         gets = [r for r in hub.requests if r[0] == "GET"]
         again = prepare("--source", str(local))
         assert "0 copied" in again and "tokenizer: up to date" in again and "tokens: 0 shards" in again
         again = prepare("--num-shards", "2")
-        assert "0 shards downloaded, 3 already present" in again and "tokenizer: up to date" in again
+        assert "0 shards downloaded, 4 already present" in again and "tokenizer: up to date" in again
         assert [r for r in hub.requests if r[0] == "GET"] == gets
     for p in (cache / "data").glob("*.parquet"):
         assert p.read_bytes() == (remote / p.name).read_bytes()

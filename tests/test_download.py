@@ -37,17 +37,18 @@ def test_download_builds_the_cache_and_a_rerun_fetches_nothing(tmp_path, remote)
         assert first.returncode == 0, first.stderr
         data = tmp_path / "cache" / "data"
         assert sorted(p.name for p in data.glob("*.parquet")) == [
-            "shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]   # --num-shards 2 + validation
+            "shard_00000.parquet", "shard_00001.parquet", "shard_06541.parquet",   # --num-shards 2, test and
+            "shard_06542.parquet"]                                                 # validation
         for p in data.glob("*.parquet"):
             assert p.read_bytes() == (remote / p.name).read_bytes()
-        assert "3 shards downloaded" in first.stdout and "trained 8192 tokens" in first.stdout
+        assert "4 shards downloaded" in first.stdout and "trained 8192 tokens" in first.stdout
         # what to run next, on this machine: the smoke run where there is no CUDA GPU for `uv run train.py`
         next_step = "now run `uv run train.py`" if torch.cuda.is_available() else "run `uv run prepare.py --smoke`"
         assert next_step in first.stdout.splitlines()[-1]
         gets = hub.count("GET", "shard_00000.parquet")
         second = prepare(tmp_path / "cache", env)
         assert second.returncode == 0, second.stderr
-        assert "0 shards downloaded, 3 already present" in second.stdout
+        assert "0 shards downloaded, 4 already present" in second.stdout
         assert hub.count("GET", "shard_00000.parquet") == gets
 
 
@@ -90,7 +91,7 @@ def test_num_shards_is_a_count_or_minus_one_for_all_else_refused_up_front(tmp_pa
     with serve(remote) as hub:
         result = run_prepare(tmp_path / "cache", "--num-shards", n, env=hub_env(hub.url, tmp_path / "hf"))
         assert hub.requests == []   # not all 6,542 shards (-5), not the validation shard alone (0)
-    fails_in_one_line(result, f"--num-shards {n}: give 1 to 6542 training shards, or -1 for all of them")
+    fails_in_one_line(result, f"--num-shards {n}: give 1 to 6541 training shards, or -1 for all of them")
     assert not (tmp_path / "cache").exists()
 
 

@@ -16,7 +16,7 @@ from conftest import one_line  # noqa: E402
 
 BASELINE_LOG = """\
 device: cuda (NVIDIA H100 80GB HBM3, 989.5 TFLOP/s bf16 peak), bf16 autocast, torch.compile
-attention: Flash Attention 3, varunneal/flash-attention-3@0123456789abcdef0123456789abcdef01234567 (pinned)
+attention kernel: Flash Attention 3, varunneal/flash-attention-3@0123456789abcdef0123456789abcdef01234567 (pinned)
 budget: 300s of training after 11 untimed warm-up steps | 2 micro-steps of 128 x 2048 tokens per step
 step 00952 (100.0%) | loss: 2.901 | lrm: 0.00 | dt: 315ms | tok/sec: 1,664,000 | mfu: 40.2% | epoch: 1 | remaining: 0s
 overhead: 14.2s start-up, 21.5s in the 11 untimed warm-up steps, 9.8s evaluation
@@ -67,7 +67,7 @@ def test_parse_log_reads_the_summary_block_and_the_overhead_lines():
     assert lines["memory"] == "memory: peak 45060.2 MB in training, 13021.7 MB in evaluation"
     assert lines["compiled"].startswith("compiled: GPT 2 graphs")
     assert gpu_check.parse_log("Traceback (most recent call last):\n  oops\n") == (
-        {}, dict.fromkeys(["device", "attention", "budget", "overhead", "memory", "compiled"]))
+        {}, dict.fromkeys(["device", "attention kernel", "budget", "overhead", "memory", "compiled"]))
 
 
 def test_section_is_appended_to_benchmarks_md(tmp_path):

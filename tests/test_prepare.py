@@ -193,9 +193,9 @@ def test_uniform_model_known_answer(harness):
     model = Uniform(V)
     assert harness.evaluate_bpb(model, tok, 8) == pytest.approx(expected, rel=1e-6)   # float32 ln(V)
     assert scored_tokens < targets.numel()   # BOS targets exist and are excluded
-    # the model only ever sees inputs, and exactly n_rows rows are scored (plus one probe batch)
+    # the model only ever sees inputs, and exactly n_rows rows are scored (plus one probe batch, then the test rows)
     assert all(rest == 0 and shape[1] == T for shape, rest in model.calls)
-    assert sum(shape[0] for shape, _ in model.calls) == n_rows + 8
+    assert sum(shape[0] for shape, _ in model.calls) == n_rows + 8 + n_rows // 4
 
 
 def test_same_value_for_any_batch_size(harness):
@@ -204,6 +204,35 @@ def test_same_value_for_any_batch_size(harness):
     values = [harness.evaluate_bpb(model, tok, b) for b in (1, 3, 8)]
     assert values[0] == pytest.approx(values[1], rel=1e-6) and values[0] == pytest.approx(values[2], rel=1e-6)
     assert values[0] > 0
+
+
+class OutOfMemoryAbove(Bigram):
+    """Runs out of GPU memory (simulated, with the error torch raises) on a batch of more than `limit` rows."""
+
+    def __init__(self, vocab_size, limit):
+        super().__init__(vocab_size)
+        self.limit = limit
+
+    def forward(self, idx):
+        if idx.size(0) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return super().forward(idx)
+
+
+def test_an_evaluation_out_of_memory_halves_its_batch_and_scores_the_same_rows(harness, tmp_path, monkeypatch,
+                                                                                 capsys):
+    from harness import evaluations
+    monkeypatch.setattr(harness, "RECORDS", tmp_path / "evaluations.jsonl")
+    tok = harness.Tokenizer.from_directory()
+    expected = harness.evaluate_bpb(Bigram(tok.get_vocab_size()), tok, 2)
+    capsys.readouterr()
+    assert harness.evaluate_bpb(OutOfMemoryAbove(tok.get_vocab_size(), 2), tok, 8) == pytest.approx(expected, rel=1e-9)
+    assert capsys.readouterr().out.splitlines() == [
+        "evaluation: a batch of 8 runs out of GPU memory: scoring with 4",
+        "evaluation: a batch of 4 runs out of GPU memory: scoring with 2"]
+    records, _ = evaluations.read(tmp_path / "evaluations.jsonl")
+    assert [r["eval_batch_size"] for r in records] == [2, 2]   # what each evaluation used, in its record
+    assert records[1]["test_bpb"] == pytest.approx(records[0]["test_bpb"], rel=1e-9)
 
 
 @pytest.mark.parametrize("peek, cross_row", [(1, False), (5, False), (0, True)])
@@ -227,14 +256,16 @@ def test_logits_of_the_wrong_shape_are_refused(harness):
 def test_source_builds_cache_and_rerun_is_a_no_op(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for i, name in enumerate(["b.parquet", "a.parquet", "c.parquet"]):   # no canonical names: last sorted = val
+    for i, name in enumerate(["b.parquet", "a.parquet", "c.parquet"]):   # no canonical names: last sorted = val,
+                                                                           # the one before it = test
         write_shard(corpus / name, make_documents(300, seed=i))
     first = run_prepare(tmp_path / "cache", "--source", str(corpus))
     assert first.returncode == 0, first.stderr
     data = source_root(tmp_path / "cache", corpus) / "data"
     assert sorted(p.name for p in data.glob("*.parquet")) == [
-        "shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
+        "shard_00000.parquet", "shard_06541.parquet", "shard_06542.parquet"]
     assert (data / "shard_06542.parquet").read_bytes() == (corpus / "c.parquet").read_bytes()
+    assert (data / "shard_06541.parquet").read_bytes() == (corpus / "b.parquet").read_bytes()
     assert (data / "shard_00000.parquet").read_bytes() == (corpus / "a.parquet").read_bytes()
     assert "trained 8192 tokens" in first.stdout
     second = run_prepare(tmp_path / "cache", "--source", str(corpus))
@@ -460,10 +491,10 @@ def test_more_source_files_than_shard_names_is_refused(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     write_shard(corpus / "doc.parquet", make_documents(3, seed=1))
-    for i in range(6543):   # 6,542 training shard names + the validation shard: one file too many
+    for i in range(6543):   # 6,541 training shard names + the test and validation shards: one file too many
         os.link(corpus / "doc.parquet", corpus / f"part-{i:05d}.parquet")
     result = run_prepare(tmp_path / "cache", "--source", str(corpus))
-    fails_in_one_line(result, "6543 training files, more than the 6542 shard names")
+    fails_in_one_line(result, "6542 training files, more than the 6541 shard names")
     assert not list((tmp_path / "cache").rglob("*.parquet"))
 
 
@@ -498,4 +529,4 @@ def test_failing_to_cache_the_validation_rows_never_stops_a_run(harness, tmp_pat
     harness.get_token_bytes()
     next(harness.make_dataloader(tok, 4, 64, "train", device="cpu"))
     assert harness.validation_rows(tok, 64, 7).shape == (7, 65)
-    assert "note: the validation rows are not cached" in capsys.readouterr().out
+    assert "note: val_rows_T64_N7.npy is not cached" in capsys.readouterr().out

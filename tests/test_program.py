@@ -55,6 +55,12 @@ IMPROVE = ("unembedding lr 0.0003 -> 0.004", {"UNEMBEDDING_LR": "0.004"}, {42: 0
 # In the maybe-noise band (-M < delta = -0.03 <= -M/2), and not confirmed by SEED=1 (0.31 > B - M/2 = 0.30): rerun
 # row first, then discard
 NEAR = ("window pattern SSSL -> SL", {"WINDOW_PATTERN": '"SL"'}, {42: 0.29, 1: 0.31})
+# Changes that only remove code, after the check (B = A = 0.20): the first within the noise of the last gain and kept
+# (B = 0.23); the second within the noise of B (delta 0.02 < M) but over A + M = 0.24: discarded, so that a chain of
+# removals cannot drift the kept commit worse than the last gain by more than M
+REMOVE = ("drop the gc.collect every 5000 steps", {"    elif (step + 1) % 5000 == 0:\n        gc.collect()\n": ""},
+          {42: 0.23})
+REMOVE_TOO = ("drop the newline after a terminal's progress line", {"if interactive:\n    print()\n": ""}, {42: 0.25})
 # Committed, never run: the edit the human cuts off when stopping the night, and a discard in the git-only test
 WORSEN = ("all learning rates / 100", {"EMBEDDING_LR": "0.006", "UNEMBEDDING_LR": "0.00004", "SCALAR_LR": "0.005"})
 NOTHING = ("unembedding lr 0.004 again", {"UNEMBEDDING_LR": "0.004"})   # already the value: nothing to commit
@@ -100,8 +106,8 @@ class Agent:
         self.repo, self.env, self.tag = repo, env, tag
         self.text = (repo / "program.md").read_text()
         self.blocks = code_blocks(self.text)
-        self.B = self.M = None
-        self.dataset = None
+        self.B = self.A = self.M = None
+        self.dataset = self.best = None
         self.crashes_in_a_row = 0
 
     def block(self, *needles, start=""):
@@ -138,6 +144,10 @@ class Agent:
         template = self.block("# Notes: autoresearch/<tag>")   # its headings, without the example entries
         (self.repo / "notes.md").write_text("".join(line + "\n" for line in template.splitlines()
                                                     if line.startswith("#") or not line.strip()))
+        before = re.search(r"the Noise line reads `(B = none yet, A = none yet,\s+M = none yet)` and Best `([^`]*)`",
+                           self.text)   # program.md's form for the time before the baseline
+        assert before, "program.md gives notes.md no form for the time before the baseline"
+        self.write_notes(before[2], noise=" ".join(before[1].split()))
 
     def run(self, seed=None, limit=None):
         """The run command; returns (exit code, val_bpb, memory_gb), val_bpb None for a crash."""
@@ -153,7 +163,11 @@ class Agent:
         if code != 0 or "val_bpb" not in found:
             assert self.sh(self.block("tail -n 50 run.log")).stdout.count("\n") <= 50
             return code, None, 0.0
+        assert len(grep.splitlines()) == len(found) == 4   # each key the grep names starts one line of run.log
         assert found["dataset"].strip() == self.dataset   # the data never changed under the night
+        check = self.sh(self.block("uv run analysis.py --check run.log"), check=False)   # the record backs it
+        assert check.returncode == 0 and check.stdout.startswith(f"backed: the harness measured val_bpb "
+                                                                 f"{found['val_bpb'].strip()}"), check.stderr
         return code, float(found["val_bpb"]), float(found["peak_vram_mb"]) / 1024
 
     def log(self, val_bpb, memory_gb, status, description):
@@ -178,11 +192,13 @@ class Agent:
         guard = self.sh(self.block("git diff --quiet autoresearch/<tag>-base"), check=False)
         return "frozen files unchanged" in guard.stdout
 
-    def write_notes(self, best, line_for=None):
+    def write_notes(self, best, line_for=None, noise=None):
         """Keep notes.md in the template's sections; replace the Noise and Best lines, add one bullet."""
         text = (self.repo / "notes.md").read_text()
-        text = re.sub(r"(## Noise\n).*?(?=## Best)", lambda m: f"{m[1]}B = {self.B:.6f} (current best), "
-                      f"M = {self.M:.6f} (baseline, seeds 42/1/2)\ndataset: {self.dataset}\n\n", text, flags=re.S)
+        noise = noise or (f"B = {self.B:.6f} (current best), A = {self.A:.6f} (last gain), M = {self.M:.6f} "
+                          f"(baseline, seeds 42/1/2)")
+        text = re.sub(r"(## Noise\n).*?(?=## Best)", lambda m: f"{m[1]}{noise}\ndataset: {self.dataset}\n\n", text,
+                      flags=re.S)
         text = re.sub(r"(## Best\n).*?(?=## Worked)", lambda m: f"{m[1]}{best}\n\n", text, flags=re.S)
         if line_for:
             section, bullet = line_for
@@ -208,7 +224,8 @@ class Agent:
             self.log(val, mem, "discard", f"baseline rerun, seed {seed} (noise)")
             runs.append(val)
         self.M, self.B = max(runs) - min(runs), sum(runs) / len(runs)
-        self.write_notes(f"{self.head()} {self.B:.6f}: the baseline")
+        self.A, self.best, self.gain_kept = self.B, "the baseline", True
+        self.write_notes(f"{self.head()} {self.B:.6f}: {self.best}")
         return True
 
     def reset(self):
@@ -220,9 +237,10 @@ class Agent:
         for block in {b for b in self.blocks if b.startswith("git tag -f")}:
             self.sh(block.replace("<tag>", self.tag))
 
-    def experiment(self, description, edits, outcome=None, limit=None):
+    def experiment(self, description, edits, outcome=None, limit=None, removes_code=False):
         if not self.commit(description, edits, outcome):
             return "not run"
+        gain_keep = False
         code, val, mem = self.run(limit=limit)
         if val is None:
             status = "crash"
@@ -235,10 +253,15 @@ class Agent:
                 self.log(again, mem, "discard", f"{description} rerun (noise)")
                 keep = again is not None and again <= self.B - self.M / 2
                 runs += [again] if again is not None else []
+            gain_keep = keep
+            if not keep and removes_code:   # simpler at equal quality, never worse than the last gain + M
+                keep = delta < self.M and val <= self.A + self.M
             status = "keep" if keep and code == 0 and self.frozen_files_unchanged() else "discard"
         self.log(val, mem, status, description)   # this run's own val_bpb, never a mean
         if status == "keep":
             gain, self.B = sum(runs) / len(runs) - self.B, sum(runs) / len(runs)
+            self.A = self.B if gain_keep else self.A
+            self.gain_kept, self.best = gain_keep, description
             self.mark_kept()
             self.write_notes(f"{self.head()} {self.B:.6f}: {description}", ("Worked", f"{description}: {gain:+.4f}"))
         else:
@@ -250,7 +273,8 @@ class Agent:
             assert val is not None, "the last kept commit crashed too: program.md says stop"
             self.log(val, mem, "discard", CHECK)
             self.B = sum(self.runs_of(self.head())) / len(self.runs_of(self.head()))
-            self.write_notes(self.notes_best())
+            self.A = self.B if self.gain_kept else self.A
+            self.write_notes(f"{self.head()} {self.B:.6f}: {self.best}")
             self.crashes_in_a_row = 0
         return status
 
@@ -258,11 +282,13 @@ class Agent:
         return re.search(r"## Best\n(.*)\n", (self.repo / "notes.md").read_text())[1]
 
     def resume(self):
-        """A fresh agent: no setup, no baseline; B, M and the dataset come back from what program.md shows it."""
+        """A fresh agent: no setup, no baseline; B, A, M and the dataset come back from what program.md shows it."""
         shown = self.sh(self.block("cat notes.md", "tail -n 30 results.tsv", "git log --oneline -20")).stdout
-        noise = re.search(r"B = ([\d.]+) \(current best\), M = ([\d.]+).*\ndataset: (.*)\n", shown)
-        assert noise, f"program.md's resume command shows no B, M and dataset from notes.md:\n{shown}"
-        self.B, self.M, self.dataset = float(noise[1]), float(noise[2]), noise[3]
+        noise = re.search(r"B = ([\d.]+) \(current best\), A = ([\d.]+) \(last gain\), M = ([\d.]+).*\n"
+                          r"dataset: (.*)\n(?:.*\n)*?## Best\n\w+ [\d.]+: (.*)\n", shown)
+        assert noise, f"program.md's resume command shows no B, A, M, dataset and best from notes.md:\n{shown}"
+        self.B, self.A, self.M, self.dataset, self.best = *map(float, noise.groups()[:3]), *noise.groups()[3:]
+        self.gain_kept = self.A == self.B
         self.reset()
 
 
@@ -323,12 +349,15 @@ def night(tmp_path_factory, tiny_cache):
     second.reset()   # after a compaction the agent is not sure it reset: it does it again
     after_double_reset = second.head()
     statuses += [second.experiment(*HANG, limit=HANG_LIMIT), second.experiment(*KILLED)]
+    statuses += [second.experiment(*REMOVE, removes_code=True), second.experiment(*REMOVE_TOO, removes_code=True)]
+    removed = second.head()
     record = dict(results=(repo / "results.tsv").read_text(), notes=(repo / "notes.md").read_text(),
                   branch_log=git_out(dict(repo=repo, env=env), "log", "--format=%h %s", "main..HEAD"))
     assert second.commit(*WORSEN)   # the human stops the agent in the middle of an experiment
     third = Agent(repo, env, tag=f"{TAG}2")   # the next night, on the same branch, a new tag
     third.setup()
-    return dict(repo=repo, env=env, statuses=statuses, third=third, kept=kept, after_nothing=after_nothing,
+    return dict(repo=repo, env=env, statuses=statuses, third=third, kept=kept, removed=removed,
+                after_nothing=after_nothing,
                 after_double_reset=after_double_reset, notes_after_first=notes_after_first,
                 handed_over=handed_over, resumed=resumed, **record)
 
@@ -342,21 +371,24 @@ def read_results(repo, text=None):
 @pytest.mark.slow
 def test_results_tsv_has_the_expected_rows(night):
     rows = read_results(night["repo"], night["results"])
-    assert night["statuses"] == ["discard", "keep", "not run", "crash", "crash", "crash"]
+    assert night["statuses"] == ["discard", "keep", "not run", "crash", "crash", "crash", "keep", "discard"]
     statuses = [(status, description) for _, _, _, status, description in rows]
     assert statuses == [("keep", "baseline"), ("discard", "baseline rerun, seed 1 (noise)"),
                         ("discard", "baseline rerun, seed 2 (noise)"), ("discard", NEAR[0] + " rerun (noise)"),
                         ("discard", NEAR[0]), ("keep", IMPROVE[0]), ("crash", CRASH[0]),
                         ("crash", HANG[0] + " (timeout)"), ("crash", KILLED[0] + " (killed: out of memory)"),
-                        ("discard", CHECK)]
+                        ("discard", CHECK), ("keep", REMOVE[0]), ("discard", REMOVE_TOO[0])]
     assert rows[0][0] == rows[1][0] == rows[2][0] and all(re.fullmatch(r"[0-9a-f]{7}", r[0]) for r in rows)
     assert rows[3][0] == rows[4][0] != rows[0][0]       # the rerun of the near miss: its commit, logged first
     baseline = [float(r[1]) for r in rows[:3]]
     margin, mean = max(baseline) - min(baseline), sum(baseline) / 3
     assert -margin < float(rows[4][1]) - mean <= -margin / 2 < float(rows[3][1]) - mean   # the band, unconfirmed
     assert float(rows[5][1]) - mean <= -margin
-    assert rows[5][0] == rows[-1][0] == night["kept"]   # the check after 3 crashes ran the last kept commit
-    assert float(rows[-1][1]) == float(rows[5][1])      # the same commit and seed: the same outcome
+    assert rows[5][0] == rows[9][0] == night["kept"]   # the check after 3 crashes ran the last kept commit
+    assert float(rows[9][1]) == float(rows[5][1])      # the same commit and seed: the same outcome
+    removal, too_far = float(rows[10][1]) - float(rows[9][1]), float(rows[11][1]) - float(rows[10][1])
+    assert 0 < removal < margin and 0 < too_far < margin   # each within the noise of the kept commit before it,
+    assert float(rows[11][1]) - float(rows[5][1]) > margin   # but the second more than M over the last gain
     for commit, val_bpb, memory_gb, status, _ in rows:
         assert re.fullmatch(r"\d+\.\d{6}", val_bpb) and re.fullmatch(r"\d+\.\d", memory_gb)
         assert (float(val_bpb) == 0) == (status == "crash")
@@ -367,10 +399,10 @@ def test_no_kept_commit_is_lost(night):
     """An edit that changed nothing is not run, and a second reset stays on the last kept commit."""
     assert night["after_nothing"] == dict(head=night["kept"], rows=6)   # no row, no reset, nothing lost
     assert night["after_double_reset"] == night["kept"]
-    assert [line.split(" ", 1)[1] for line in night["branch_log"].splitlines()] == [IMPROVE[0]]
-    assert night["branch_log"].split()[0][:7] == night["kept"]
+    assert [line.split(" ", 1)[1] for line in night["branch_log"].splitlines()] == [REMOVE[0], IMPROVE[0]]
+    assert night["branch_log"].split()[0][:7] == night["removed"]
     best = git_out(night, "rev-parse", "--short=7", f"autoresearch/{TAG}-best")
-    assert best == night["kept"]
+    assert best == night["removed"]
     base = f"autoresearch/{TAG}-base"
     assert subprocess.run(["git", "merge-base", "--is-ancestor", base, best], cwd=night["repo"]).returncode == 0
 
@@ -403,20 +435,23 @@ def test_a_fresh_agent_resumes_from_what_program_md_shows_it(night):
         assert [line for line in notes.splitlines() if line.startswith("#")] == [
             headings[0].replace("<tag>", TAG), *headings[1:]]
         assert len(notes.splitlines()) <= 40
-    for description in (NEAR[0], CRASH[0], HANG[0], KILLED[0]):
+    for description in (NEAR[0], CRASH[0], HANG[0], KILLED[0], REMOVE_TOO[0]):
         assert f"- {description}" in night["notes"]
 
 
 @pytest.mark.slow
 def test_morning_report_reads_the_night(night, tmp_path):
     (tmp_path / "results.tsv").write_text(night["results"])
+    shutil.copy(night["repo"] / "evaluations.jsonl", tmp_path)   # the harness's record, beside results.tsv
     out = subprocess.run([sys.executable, str(ROOT / "analysis.py"), str(tmp_path / "results.tsv"), "--json"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     s = json.loads(out.stdout)
-    assert (s["experiments"], s["reruns"], s["kept"], s["discarded"], s["crashed"]) == (5, 4, 1, 1, 3)
-    assert s["best"]["commit"] == night["kept"] and s["best"]["description"] == IMPROVE[0]
+    assert (s["experiments"], s["reruns"], s["kept"], s["discarded"], s["crashed"]) == (7, 4, 2, 2, 3)
+    assert s["backed"] == s["rows_with_value"] == 9 and s["not_backed"] == []   # every number the agent typed
     assert s["kept_changes"][0]["runs"] == 2   # the keep and the check of the same code
+    assert s["kept_changes"][1]["within_noise"] and s["kept_changes"][1]["gain"] < 0   # a removal, at equal quality
+    assert s["unseen"]["baseline"] > 0 and s["kept_changes"][0]["test_bpb"] > 0   # test_bpb from the records
     assert (tmp_path / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -429,7 +464,7 @@ def test_next_night_on_the_same_branch(night):
     assert readme == [night["third"].block("mv results.tsv runs/<old>.results.tsv").replace("<old>", "<tag>")]
     repo = night["repo"]
     assert git_out(night, "branch", "--show-current") == f"autoresearch/{TAG}2"
-    assert git_out(night, "log", "--format=%s", "-2").splitlines() == [f"results of the night {TAG}", IMPROVE[0]]
+    assert git_out(night, "log", "--format=%s", "-2").splitlines() == [f"results of the night {TAG}", REMOVE[0]]
     assert git_out(night, "rev-parse", f"autoresearch/{TAG}2-base") == git_out(night, "rev-parse", "HEAD")
     assert (repo / "runs" / f"{TAG}.results.tsv").read_text() == night["results"]
     assert (repo / "runs" / f"{TAG}.notes.md").read_text() == night["notes"]
@@ -470,3 +505,18 @@ def test_a_crashed_baseline_stops_the_night(tmp_path_factory, tiny_cache):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "crashed" in out.stdout.splitlines()[2]   # the baseline line
+
+
+@pytest.mark.slow
+def test_one_best_in_the_morning(night, tmp_path):
+    """After keeps that only removed code, notes.md's B and Best line, the -best tag and the report's best name the
+    same commit and value: the last kept commit and the mean of its runs."""
+    noise = re.search(r"B = ([\d.]+) \(current best\)", night["notes"])[1]
+    best_line = re.search(r"## Best\n(\w+) ([\d.]+): (.*)\n", night["notes"])
+    (tmp_path / "results.tsv").write_text(night["results"])
+    s = json.loads(subprocess.run([sys.executable, str(ROOT / "analysis.py"), str(tmp_path / "results.tsv"),
+                                   "--json", "--no-png"], capture_output=True, text=True).stdout)
+    tag = git_out(night, "rev-parse", "--short=7", f"autoresearch/{TAG}-best")
+    assert best_line[1] == tag == s["best"]["commit"] == night["removed"]
+    assert noise == best_line[2] == f"{s['best']['val_bpb']:.6f}"
+    assert best_line[3] == s["best"]["description"] == REMOVE[0]

@@ -432,11 +432,12 @@ def test_other_errors_are_not_taken_for_out_of_memory(harness):
 # One compile for training, one for evaluation; evaluation holds one batch of logits at a time
 
 
-def test_one_compile_for_training_one_for_evaluation(tr, harness):
+def test_one_compile_for_training_one_for_evaluation(tr, harness, monkeypatch):
     """The real model, compiled with a counting backend, over train.py's calls: fit the batch, train, evaluate."""
     from torch._dynamo.testing import CompileCounter
     tok = harness.Tokenizer.from_directory()
     T = harness.MAX_SEQ_LEN
+    monkeypatch.setattr(harness, "EVAL_TOKENS", 16 * T)   # 16 validation rows and 4 test rows: full batches of 4
     config = tr.GPTConfig(sequence_len=T, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=1, n_kv_head=1,
                           n_embd=64, window_pattern="SL")
     torch.manual_seed(0)
@@ -457,7 +458,7 @@ def test_one_compile_for_training_one_for_evaluation(tr, harness):
         compiled.zero_grad(set_to_none=True)
     graphs_in_training = counter.frame_count
     compiled.eval()
-    assert harness.EVAL_TOKENS // T % B == 0  # full evaluation batches: the probe's included
+    assert harness.EVAL_TOKENS // T % B == 0 == harness.EVAL_TOKENS // T // 4 % B  # full batches, probe's and test's
     val_bpb = harness.evaluate_bpb(compiled, tok, B)
     torch._dynamo.reset()
     assert (graphs_in_training, counter.frame_count) == (1, 2)  # on main: 2 and 4 (stride 65 vs 64 recompiled)
@@ -484,9 +485,10 @@ def test_evaluation_holds_one_batch_of_logits_at_a_time(harness):
     tok = harness.Tokenizer.from_directory()
     model = LiveLogits(tok.get_vocab_size())
     harness.evaluate_bpb(model, tok, 4)
-    n_batches = harness.EVAL_TOKENS // harness.MAX_SEQ_LEN // 4
-    assert len(model.alive_at_call) == n_batches + 1  # every batch, and the causality probe
-    assert model.alive_at_call == [0] * (n_batches + 1)  # on main: the previous batch's logits were alive
+    n_rows = harness.EVAL_TOKENS // harness.MAX_SEQ_LEN
+    n_batches = -(-n_rows // 4) + 1 + -(-(n_rows // 4) // 4)   # validation, the causality probe, the test split
+    assert len(model.alive_at_call) == n_batches
+    assert model.alive_at_call == [0] * n_batches  # on main: the previous batch's logits were alive
 
 
 def test_steady_state_mfu_counts_step_minus_10_as_the_reference():
@@ -615,7 +617,9 @@ def test_smoke_run_trains_the_current_train_py_through_the_harness(smoke_run, ti
     assert b"\r" not in raw  # redirected: ordinary lines, no in-place progress line
     lines = text.splitlines()
     assert lines[0].startswith(f"smoke: {directory / 'train.py'} at toy size")
-    assert lines[1].startswith("device: cpu") and lines[2].startswith("attention: ")
+    assert lines[1].startswith("device: cpu") and lines[2].startswith("attention kernel: ")
+    for key in SUMMARY_KEYS:   # program.md greps `^key:`: each summary key starts exactly one line of the log
+        assert sum(line.startswith(f"{key}:") for line in lines) == 1, key
     assert "DEVICE_BATCH_SIZE = 4 runs out of GPU memory: using 2" in text   # the edited train.py ran
     assert any(line.startswith("step 00000 ") for line in lines)
     summary = read_summary(lines)

@@ -35,7 +35,7 @@ def parse_log(text):
     """The summary block's key: value pairs and the lines train.py prints about where its time and memory go."""
     summary = parse_summary(text)
     lines = {key: next((l for l in text.splitlines() if l.startswith(key + ":")), None)
-             for key in ("device", "attention", "budget", "overhead", "memory", "compiled")}
+             for key in ("device", "attention kernel", "budget", "overhead", "memory", "compiled")}
     return summary, lines
 
 
