@@ -202,7 +202,13 @@ def summarize(rows, records=None):
         kept_changes.append(dict(
             index=row["x"], commit=row["commit"], val_bpb=_r(mean(i)), runs=len(values[i]),
             description=row["description"], gain=_r(gain), test_bpb=_r(test_mean(i)), test_gain=_r(test_gain),
-            within_noise=gain is not None and margin is not None and abs(_r(gain)) < _r(margin)))
+            within_noise=gain is not None and margin is not None and abs(_r(gain)) < _r(margin),
+            verified=None if records is None else any(
+                r.get("verified") and (r.get("commit") or "").startswith(row["commit"])
+                and f"{r.get('printed', -1):.6f}" == f"{row['val_bpb']:.6f}" for r in records),
+            # a gain on the validation rows that the test split does not show: tuned to the rows, not a better model
+            unseen_gap=test_gain is not None and gain is not None and margin is not None and gain >= margin
+            and test_gain < gain / 2))
         best_i, best_value = i, mean(i)
 
     improvement = unseen = None
@@ -288,6 +294,8 @@ def render_text(summary, path="results.tsv"):
         gain = "      n/a" if k["gain"] is None else f"{k['gain']:+.6f}"
         mark = "≈noise" if k["within_noise"] else ""
         test = "" if k["test_bpb"] is None else f"  test {k['test_bpb']:.6f}"
+        test += {True: "  verified", False: "  NOT VERIFIED", None: ""}[k["verified"]]
+        test += "  (val gain not matched on test)" if k["unseen_gap"] else ""
         reruns = f"  (mean of {k['runs']} runs)" if k["runs"] > 1 else ""
         out.append(f"  #{k['index']:<3} {k['commit']}  {k['val_bpb']:.6f}  {gain}  {mark:6}{test}  "
                    f"{k['description']}{reruns}")

@@ -13,11 +13,13 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-from harness import datasets, evaluations, loader, records
+from harness import (attention, datasets, evaluations, gpu, integrity, loader, records, tokenizer as _tokenizer,
+                     tokens)
 from harness.attention import choose_attention
 from harness.datasets import DATASET_REPO, VAL_FILENAME  # noqa: F401
 from harness.errors import HarnessError
@@ -80,7 +82,11 @@ def get_token_bytes(device="cpu", tokenizer_dir=None):
 
 def make_dataloader(tokenizer, B, T, split, device=None):
     """Yield (inputs, targets, epoch) forever: B rows of T + 1 tokens packed best-fit from a split's documents,
-    each row starting with BOS, no padding; int64 on `device` (CUDA when available by default)."""
+    each row starting with BOS, no padding; int64 on `device` (CUDA when available by default). Training data
+    only: the validation and test splits are the metric's, never trained on."""
+    if split != "train":
+        raise HarnessError(f"make_dataloader({split!r}): only the 'train' split is for training; the validation and "
+                           f"test splits are the metric's, and a model trained on them reports nothing")
     return loader.make_dataloader(tokenizer, B, T, list_shards(split), device)
 
 
@@ -93,10 +99,14 @@ def validation_rows(tokenizer, T, n_rows):
 # ---------------------------------------------------------------------------
 
 UNTIMED_STEPS = 11   # the first steps compile and warm up: not counted in the budget (as in the reference)
+_STEP_BUDGET_AT_START = STEP_BUDGET
+_BUDGET = {"training_seconds": 0.0, "timed_steps": 0}   # the most the training loop reported, for the record
 
 
 def training_progress(training_seconds, timed_steps):
     """The fraction of the budget used after `timed_steps` steps that took `training_seconds`, at most 1."""
+    _BUDGET.update(training_seconds=round(max(_BUDGET["training_seconds"], training_seconds), 1),
+                   timed_steps=max(_BUDGET["timed_steps"], timed_steps))
     if STEP_BUDGET > 0:
         return min(timed_steps / STEP_BUDGET, 1.0)
     return min(training_seconds / TIME_BUDGET, 1.0)
@@ -182,69 +192,61 @@ def load_attention(device, head_dim, windows, seq_len):
 # ---------------------------------------------------------------------------
 
 # The harness's record of each evaluation, beside results.tsv (harness/evaluations.py), and what this run is: its
-# train.py, commit and clean tree or not, taken now, at the start of the run
-RECORDS = Path.cwd() / evaluations.RECORDS_FILE
+# train.py, commit and clean tree or not, taken now, at the start of the run; what the evaluation computes with, by
+# identity, before any of train.py's code after its imports can change it (harness/integrity.py)
+RECORDS = Path.cwd() / evaluations.RECORDS_FILE   # and beside it LAST_RUN_FILE, what the last evaluation scored
 _RUN = evaluations.run_identity(getattr(sys.modules["__main__"], "__file__", None) or sys.argv[0])
 _ATTENTION = {}   # the path load_attention chose
+_PRISTINE = integrity.critical_identities()
+_HARNESS = [attention, datasets, evaluations, gpu, integrity, loader, records, _tokenizer, tokens]
+_STARTED = time.time()
 
 
-def _check_causal(model, batch, before, cuts, vocab_size):
-    """Change the future of two rows at once; no logit before a row's own change may move (nor leak across rows).
-    `batch` holds the rows (B, T + 1) whose logits were scored; `before[row]` the first cuts[row] of them."""
-    import torch
-    T = batch.size(1) - 1
-    probe = batch.clone()   # sliced below exactly as the scored batch was: the same layout, no new compile
-    gen = torch.Generator().manual_seed(0)
-    for row, cut in enumerate(cuts):
-        shift = torch.randint(1, vocab_size, (T - cut,), generator=gen).to(batch.device)
-        probe[row, cut:T] = (batch[row, cut:T] + shift) % vocab_size   # every input from `cut` on differs
-    probe_logits = model(probe[:, :-1])
-    after = [probe_logits[row, :cut].float().clone() for row, cut in enumerate(cuts)]   # small copies
-    del probe_logits
-    for row, cut in enumerate(cuts):
-        tolerance = 2 ** -7 * max(1.0, before[row].abs().max().item())   # bf16 rounding noise
-        moved = (before[row] - after[row]).abs().max().item()
-        if not moved <= tolerance:
-            raise HarnessError(
-                f"the model sees the future: changing tokens from position {cut} of row {row} moved earlier "
-                f"logits by {moved:.4g} (tolerance {tolerance:.2g}); attention must be causal and rows "
-                f"independent, so no val_bpb is reported")
+def _scoring_call(model, x, vocab_size):
+    """model(x) as the metric takes it: the torch it runs on untouched, plain logits of the vocabulary's columns."""
+    logits = model(x)
+    integrity.check_untouched(_PRISTINE, "while the model ran")
+    return integrity.plain_logits(logits, x.size(0), x.size(1), vocab_size)
 
 
-def _bits_per_byte(model, rows, batch_size, token_bytes, vocab_size, probe):
+def _bits_per_byte(model, rows, batch_size, token_bytes, vocab_size, probe=None, probe_model=None):
     """(bits per byte of the packed rows (n, T + 1), the batch size that fit). On an out-of-memory error the batch
-    is halved and the same rows scored again, so that the number never depends on the batch size."""
+    is halved and the same rows scored again, so that the number never depends on the batch size. `probe`: the
+    causality probe (integrity.Probe) of this evaluation, over batches of the first batch size, on `probe_model`
+    (--verify: another instance, which never sees the scored rows) or the model itself."""
     import torch
     import torch.nn.functional as F
     device, (n_rows, T) = token_bytes.device, (len(rows), rows.shape[1] - 1)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    done = 0
+    done, first_size = 0, batch_size
     while done < n_rows:
         b = min(batch_size, n_rows - done)
         batch = torch.from_numpy(rows[done:done + b].astype(np.int64)).to(device)
         x, y = batch[:, :-1], batch[:, 1:]   # views with row stride T + 1, as the training loader yields
+        probed = probe is not None and done % first_size == 0 and done // first_size in probe.batches
         try:
-            logits = model(x)
-            if not (torch.is_tensor(logits) and logits.dim() == 3 and logits.shape[:2] == (b, T)
-                    and logits.shape[2] >= vocab_size):
-                shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
-                raise HarnessError(f"model(x) must return logits of shape (B, T, >= {vocab_size}), got {shape}")
-            if probe and done == 0:   # the causality probe compares these positions: copied, so the batch can go
-                cuts = [T // 2, T // 4][:b]
-                before = [logits[row, :cut].float().clone() for row, cut in enumerate(cuts)]
+            if probed:
+                k = done // first_size
+                rows_, cuts = probe.plan(b)
+                call = lambda: probe.keep(_scoring_call(probe_model or model, probe.perturbed(
+                    batch, rows_, cuts, vocab_size)[:, :-1], vocab_size), rows_, cuts)
+                probed_logits = call() if probe.first[k] else None   # before or after: the model cannot tell
+            logits = _scoring_call(model, x, vocab_size)
+            scored = probe.keep(logits, rows_, cuts) if probed else None
             nats_sum = torch.zeros((), dtype=torch.float64, device=device)
             for i in range(0, b, 8):   # in chunks, so that float32 log-probs never need a second full copy
                 nats = F.cross_entropy(logits[i:i + 8].float().flatten(0, 1), y[i:i + 8].flatten(), reduction="none")
                 nats_sum += (nats * (token_bytes[y[i:i + 8].flatten()] > 0)).sum(dtype=torch.float64)
             del logits, nats   # before the next forward: one batch of logits alive at a time
-            if probe and done == 0:
-                _check_causal(model, batch, before, cuts, vocab_size)
-                del before
+            integrity.check_untouched(_PRISTINE, "while the loss was computed")
+            if probed:
+                integrity.Probe.compare(scored, probed_logits if probe.first[k] else call(), cuts)
+                del scored, probed_logits
         except Exception as e:
             if batch_size == 1 or not is_out_of_memory(e):
                 raise
-            logits = nats = before = None   # free the failed attempt before the smaller one
+            logits = nats = scored = probed_logits = None   # free the failed attempt before the smaller one
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             print(f"evaluation: a batch of {batch_size} runs out of GPU memory: scoring with {batch_size // 2}")
@@ -261,37 +263,40 @@ def evaluate_bpb(model, tokenizer, batch_size):
     The model gets inputs only and returns logits (B, T, V); the loss is computed here. At most one batch
     of logits is alive at a time: each is freed before the next forward, the causality probe's included.
     Then the test split (a quarter as many rows, never trained on) is scored the same way, and both numbers go
-    into the harness's record of this run (evaluations.jsonl); the test score goes nowhere else."""
+    into the harness's record of this run (evaluations.jsonl); the test score goes nowhere else. What was scored
+    is saved (last_run.pt) for `uv run prepare.py --verify`, which scores it again in a fresh process."""
     import torch
+    integrity.check_harness_code([sys.modules[__name__], *_HARNESS])
+    t_eval = time.time()
     with torch.no_grad():
         T, n_rows = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
-        vocab_size = tokenizer.get_vocab_size()
-        token_bytes = get_token_bytes(device)
-        rows = validation_rows(tokenizer, T, n_rows)
-        val_bpb, batch_size = _bits_per_byte(model, rows, batch_size, token_bytes, vocab_size, probe=True)
+        own = Tokenizer.from_directory()   # the harness's own: a tokenizer handed in could be a rigged copy
+        token_bytes = torch.from_numpy(integrity.checked_token_bytes(TOKENIZER_DIR, own.get_vocab_size())).to(device)
+        anchors = integrity.check_anchors(DATA_DIR.parent / "anchors.json", [
+            TOKENIZER_DIR / "tokenizer.json", TOKENIZER_DIR / "token_bytes.npy", *list_shards("val")])
+        if own.get_vocab_size() != tokenizer.get_vocab_size():
+            raise HarnessError(f"the tokenizer handed to evaluate_bpb has {tokenizer.get_vocab_size()} tokens, the "
+                               f"cache's {own.get_vocab_size()}: use prepare.Tokenizer.from_directory()")
+        rows = validation_rows(own, T, n_rows)
+        probe = integrity.Probe(-(-n_rows // batch_size), T)
+        val_bpb, batch_size = _bits_per_byte(model, rows, batch_size, token_bytes, own.get_vocab_size(), probe)
         test_bpb, no_test = None, None
         try:
-            rows = loader.packed_rows(tokenizer, T, max(1, n_rows // 4), list_shards("test"))
+            rows = loader.packed_rows(own, T, max(1, n_rows // 4), list_shards("test"))
         except HarnessError as e:   # a cache prepared before there was a test split
             no_test = str(e.code)
         else:
-            test_bpb, batch_size = _bits_per_byte(model, rows, batch_size, token_bytes, vocab_size, probe=False)
-    _record(val_bpb, test_bpb, no_test, batch_size, device)
-    return val_bpb
-
-
-def _record(val_bpb, test_bpb, no_test, batch_size, device):
-    """This evaluation in evaluations.jsonl: what ran, on what, with which constants, and what it scored."""
-    import torch
+            test_bpb, batch_size = _bits_per_byte(model, rows, batch_size, token_bytes, own.get_vocab_size())
+    budget = dict(_BUDGET, wall_seconds=round(t_eval - _STARTED, 1), STEP_BUDGET=STEP_BUDGET,
+                  UNTIMED_STEPS=UNTIMED_STEPS, frozen=dict(STEP_BUDGET=_STEP_BUDGET_AT_START))
     constants = dict(MAX_SEQ_LEN=MAX_SEQ_LEN, EVAL_TOKENS=EVAL_TOKENS, VOCAB_SIZE=VOCAB_SIZE, TIME_BUDGET=TIME_BUDGET)
-    frozen = evaluations.frozen_constants(__file__)
-    evaluations.append(RECORDS, dict(
-        _RUN, seed=int(os.environ.get("SEED", 42)), val_bpb=val_bpb, test_bpb=test_bpb, no_test_split=no_test,
-        constants=constants, frozen_constants=frozen, constants_frozen=constants == frozen, step_budget=STEP_BUDGET,
-        eval_batch_size=batch_size, dataset=DATASET, attention=_ATTENTION.get("path"),
-        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__))
+    record = evaluations.write(RECORDS, __file__, _RUN, constants, budget, seed=int(os.environ.get("SEED", 42)),
+                               val_bpb=val_bpb, test_bpb=test_bpb, no_test_split=no_test, eval_batch_size=batch_size,
+                               dataset=DATASET, attention=_ATTENTION.get("path"), anchors=anchors, device=device)
+    evaluations.save_last_run(RECORDS.with_name(evaluations.LAST_RUN_FILE), model, record)
+    return val_bpb
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ nothing here imports it (and `uv run prepare.py` loads it once, as __main__).
 """
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from harness.datasets import (DATASET_REPO, MAX_SHARD, check_prepared, dataset_n
                               read_source)
 from harness.download import download_data
 from harness.errors import HarnessError
+from harness.integrity import fingerprint
 from harness.loader import packed_rows
 from harness.records import atomic_write, check_metric_files, lock_cache
 from harness.smoke import run_smoke
@@ -41,6 +43,9 @@ def parse_args(argv):
                         "that datasets.load_dataset reads) into a cache of its own, and make it the active one")
     parser.add_argument("--text-column", metavar="COL", help="the text column of --source or --dataset "
                         "(default: text)")
+    parser.add_argument("--verify", nargs="?", const="run.log", metavar="RUN_LOG", help="instead: score the model "
+                        "the last evaluation saved (last_run.pt) again in this fresh process, and check it against "
+                        "the val_bpb that RUN_LOG (default run.log) printed; program.md's guard before a keep")
     parser.add_argument("--smoke", action="store_true", help="instead: run the current train.py at toy size through "
                         "the harness (GPU if any, else CPU; needs a prepared cache) and print its summary block")
     args = parser.parse_args(argv)
@@ -89,6 +94,9 @@ def main(prepare, argv=None):
     args = parse_args(argv)
     if args.smoke:
         return smoke(prepare)
+    if args.verify:
+        from harness.verify import verify
+        return verify(prepare, args.verify)
     cache = prepare.CACHE_DIR
     name = dataset_name(args.dataset) if args.dataset else None
     if name == DATASET_REPO:
@@ -130,6 +138,8 @@ def main(prepare, argv=None):
     packed_rows(tokenizer, prepare.MAX_SEQ_LEN, n_rows, val)
     if test:
         packed_rows(tokenizer, prepare.MAX_SEQ_LEN, max(1, n_rows // 4), test)
+    anchors = fingerprint([tokenizer_dir / "tokenizer.json", tokenizer_dir / "token_bytes.npy", *val])
+    atomic_write(root / "anchors.json", lambda tmp: tmp.write_text(json.dumps(anchors, sort_keys=True)))
     print(f"tokens: {written} shards tokenized into {tokens_dir(root, tokenizer)} in {time.time() - t1:.1f}s, "
           f"validation{' and test' if test else ''} rows packed")
     if name:   # the pointer that makes this dataset the active one for train.py

@@ -188,7 +188,7 @@ def harness(tiny_cache, monkeypatch):
 
 
 # A train.py whose val_bpb the test chooses, per commit and SEED, through the real evaluate_bpb and summary block. It
-# trains as before, then is scored on constant logits: 0, and `a` for BOS. BOS targets carry no bytes and are not
+# trains as before, and is scored on constant logits: 0, and `a` for BOS. BOS targets carry no bytes and are not
 # scored, so every scored token costs c = log(V - 1 + e^a) nats; with a set so that c = ln V + d, val_bpb is
 # K * (ln V + d), K fixed by the validation rows. Every decision (a delta against M or M / 2, a mean of runs, a
 # margin) then compares differences of d alone: the test sets its outcome exactly, whatever the machine learns.
@@ -196,37 +196,32 @@ SCRIPTED_SCORE = """\
 SCRIPTED_NATS = {nats}  # the test's outcome of this commit: nats above uniform, per SEED
 
 
-class ScriptedScore(nn.Module):
-    \"\"\"The trained model inside (evaluate_bpb takes the device from its parameters); called without targets,
-    constant logits: every scored token costs ln(vocab) + SCRIPTED_NATS[SEED] nats.\"\"\"
-
-    def __init__(self, model, tokenizer):
-        super().__init__()
-        self.model = model
-        self.vocab_size, self.bos = tokenizer.get_vocab_size(), tokenizer.get_bos_token_id()
-        d = SCRIPTED_NATS[int(os.environ.get("SEED", 42))]
-        self.bos_logit = math.log1p(self.vocab_size * math.expm1(d))  # e^a = V e^d - (V - 1)
+class ScriptedGPT(GPT):
+    \"\"\"The test's GPT (tests/conftest.py): trains as GPT does; called without targets, constant logits, so that
+    every scored token costs ln(vocab) + SCRIPTED_NATS[SEED] nats. Defined above `# Setup`, it is also the model
+    `prepare.py --verify` rebuilds.\"\"\"
 
     def forward(self, idx, targets=None, **kwargs):
         if targets is not None:
-            return self.model(idx, targets, **kwargs)
-        logits = torch.zeros(*idx.shape, self.vocab_size, device=idx.device)
-        logits[..., self.bos] = self.bos_logit
+            return super().forward(idx, targets, **kwargs)
+        vocab_size = self.config.vocab_size
+        d = SCRIPTED_NATS[int(os.environ.get("SEED", 42))]
+        logits = torch.zeros(*idx.shape, vocab_size, device=idx.device)
+        logits[..., vocab_size - 4] = math.log1p(vocab_size * math.expm1(d))  # BOS (<|reserved_0|>): e^a = V e^d - V + 1
         return logits
 
 
-{model} = ScriptedScore({model}, {tokenizer})  # tests/conftest.py: the test's val_bpb
+GPT = ScriptedGPT
+
+
 """
 
 
 def scripted_train_py(src, nats):
-    """train.py's source with ScriptedScore inserted just before its evaluation, scoring `nats` ({seed: d})."""
-    found = list(re.finditer(r"^([ \t]*)val_bpb = evaluate_bpb\((\w+), (\w+),", src, re.M))
-    assert len(found) == 1, "train.py has no single line `val_bpb = evaluate_bpb(model, tokenizer, ...)`"
-    indent, model, tokenizer = found[0].groups()
-    block = SCRIPTED_SCORE.format(nats=_nats(nats), model=model, tokenizer=tokenizer)
-    block = "".join(indent + line if line.strip() else line for line in block.splitlines(keepends=True))
-    return src[:found[0].start()] + block + src[found[0].start():]
+    """train.py's source with ScriptedGPT defined just above its `# Setup` line, scoring `nats` ({seed: d})."""
+    found = list(re.finditer(r"^# -+\n# Setup\b", src, re.M))
+    assert len(found) == 1, "train.py has no single `# Setup` section"
+    return src[:found[0].start()] + SCRIPTED_SCORE.format(nats=_nats(nats)) + src[found[0].start():]
 
 
 def set_outcome(path, nats):

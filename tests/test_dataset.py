@@ -125,7 +125,7 @@ def test_train_only_dataset_holds_out_its_last_documents(tmp_path):
     result = run_prepare(tmp_path / "cache", "--dataset", str(directory), "--text-column", "story",
                          env=offline_env(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in root.iterdir()) == ["data", "source.json", "tokenizer", "tokens"]
+    assert sorted(p.name for p in root.iterdir()) == ["anchors.json", "data", "source.json", "tokenizer", "tokens"]
     data = root / "data"
     assert texts(data / "shard_06541.parquet") == docs[-20:]   # test: the last 1%
     assert texts(data / "shard_06542.parquet") == docs[-39:-20]   # validation: the last 1% of the rest

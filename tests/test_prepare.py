@@ -88,7 +88,7 @@ def test_loader_matches_direct_best_fit(harness, monkeypatch, oracle_rows, split
     else:
         tok.id = None   # no token cache for this tokenizer: the loader tokenizes the parquet files itself
     B, T, n_batches = 8, 64, 250
-    loader = harness.make_dataloader(tok, B, T, split, device="cpu")
+    loader = harness_loader.make_dataloader(tok, B, T, harness.list_shards(split), device="cpu")
     got = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y, _ in (next(loader) for _ in range(n_batches))])
     if split not in oracle_rows:
         oracle_rows[split] = reference_rows(harness.list_shards(split), tok, T, B * n_batches)
@@ -193,9 +193,11 @@ def test_uniform_model_known_answer(harness):
     model = Uniform(V)
     assert harness.evaluate_bpb(model, tok, 8) == pytest.approx(expected, rel=1e-6)   # float32 ln(V)
     assert scored_tokens < targets.numel()   # BOS targets exist and are excluded
-    # the model only ever sees inputs, and exactly n_rows rows are scored (plus one probe batch, then the test rows)
+    # the model only ever sees inputs, and exactly n_rows rows are scored, then the test rows; the causality probe's
+    # calls are shaped like scoring calls, one for each probed batch (at most 4: here the 3 there are)
     assert all(rest == 0 and shape[1] == T for shape, rest in model.calls)
-    assert sum(shape[0] for shape, _ in model.calls) == n_rows + 8 + n_rows // 4
+    assert [shape[0] for shape, _ in model.calls if shape[0] != 5] == [8] * 4 + [4] * 2
+    assert sum(shape[0] for shape, _ in model.calls) == n_rows + n_rows + n_rows // 4
 
 
 def test_same_value_for_any_batch_size(harness):
@@ -244,7 +246,7 @@ def test_model_that_sees_the_future_is_refused(harness, peek, cross_row):
 
 def test_logits_of_the_wrong_shape_are_refused(harness):
     tok = harness.Tokenizer.from_directory()
-    with pytest.raises(harness.HarnessError, match="must return logits of shape"):
+    with pytest.raises(harness.HarnessError, match="must return a plain torch.Tensor of logits of shape"):
         harness.evaluate_bpb(Uniform(100), tok, 4)
 
 # ---------------------------------------------------------------------------

@@ -188,9 +188,14 @@ class Agent:
         assert proc.returncode == 0, (proc.stdout, proc.stderr)
         return True
 
-    def frozen_files_unchanged(self):
-        guard = self.sh(self.block("git diff --quiet autoresearch/<tag>-base"), check=False)
-        return "frozen files unchanged" in guard.stdout
+    def guard(self):
+        """program.md's guard before a keep: the frozen files unchanged, then the saved model verified afresh."""
+        frozen = self.sh(self.block("git diff --quiet autoresearch/<tag>-base"), check=False)
+        if "frozen files unchanged" not in frozen.stdout:
+            return False
+        verified = self.sh(self.block("uv run prepare.py --verify"), check=False)
+        assert verified.returncode == 0 and verified.stdout.startswith("verified: "), verified.stderr
+        return True
 
     def write_notes(self, best, line_for=None, noise=None):
         """Keep notes.md in the template's sections; replace the Noise and Best lines, add one bullet."""
@@ -256,7 +261,7 @@ class Agent:
             gain_keep = keep
             if not keep and removes_code:   # simpler at equal quality, never worse than the last gain + M
                 keep = delta < self.M and val <= self.A + self.M
-            status = "keep" if keep and code == 0 and self.frozen_files_unchanged() else "discard"
+            status = "keep" if keep and code == 0 and self.guard() else "discard"
         self.log(val, mem, status, description)   # this run's own val_bpb, never a mean
         if status == "keep":
             gain, self.B = sum(runs) / len(runs) - self.B, sum(runs) / len(runs)

@@ -101,7 +101,8 @@ def test_each_evaluation_is_recorded_by_the_harness(night):
     assert f"{honest['val_bpb']:.6f}" == out["honest"]["summary"]["val_bpb"]
     assert honest["constants"] == honest["frozen_constants"] == dict(MAX_SEQ_LEN=64, EVAL_TOKENS=512,
                                                                      VOCAB_SIZE=8192, TIME_BUDGET=300)
-    assert honest["constants_frozen"] is True and honest["step_budget"] == 1 and honest["seed"] == 42
+    assert honest["constants_frozen"] is True and honest["budget"]["frozen"]["STEP_BUDGET"] == 1 and honest["seed"] == 42
+    assert honest["budget"]["timed_steps"] == 1 and honest["budget"]["UNTIMED_STEPS"] == 11
     assert honest["gpu"] == "cpu" and honest["attention"] == "sdpa-cpu" and honest["eval_batch_size"] == 2
     assert honest["dataset"] == out["honest"]["summary"]["dataset"] and honest["torch"]
     assert isinstance(honest["test_bpb"], float) and honest["test_bpb"] > 0   # the held-out test split, scored
