@@ -168,24 +168,25 @@ def require_gpu():
 # Attention: one kernel for every experiment of a night, Flash Attention 3 or the PyTorch fallback
 # ---------------------------------------------------------------------------
 
-FA3_REPO_HOPPER = "varunneal/flash-attention-3"   # compute capability 9.0: H100, H200, GH200
-FA3_REPO_OTHER = "kernels-community/flash-attn3"
-# The commit of each repository that runs (a full 40-character sha), so that a push there never changes a
-# night's kernel. "" = not pinned yet: the commit that its v1 branch points to at start-up runs, and the
-# `attention:` line names it. docs/gpu.md says how to move a pin.
+FA3_REPO_HOPPER = "varunneal/flash-attention-3"   # compute capability 9.0 (H100, H200, GH200), tried first there
+FA3_REPO_OTHER = "kernels-community/flash-attn3"   # every GPU; on 9.0 when the first one has no v1 or fails
+# A commit per repository (a full 40-character sha) wins over everything below. "" = not pinned here: the first run
+# that loads FA3 and passes its check pins the commit its v1 branch points to then, in FA3_PIN_FILE, and every later
+# run loads exactly that commit from the hub cache, with no hub request, until `uv run prepare.py --repin-attention`.
 FA3_REVISIONS = {FA3_REPO_HOPPER: "", FA3_REPO_OTHER: ""}
 FA3_VERSION = 1   # the kernels-hub version branch (v1) an unpinned repository resolves to
+FA3_PIN_FILE = CACHE_DIR / "attention.json"   # the commit pinned at first use, per kind of GPU (docs/gpu.md)
 
 
 def load_attention(device, head_dim, windows, seq_len):
     """The attention of this run, decided once: an object whose flash_attn_func(q, k, v, causal=True,
-    window_size=(window, 0)) on (B, T, H, D) is FA3's; `path` and `description` name the kernel. Flash Attention 3
-    when it loads and passes a forward and backward check at the model's head dim and windows, else the slower
-    PyTorch fallback (causal SDPA, flex_attention for sliding windows; an explicit mask on the CPU)."""
+    window_size=(window, 0)) on (B, T, H, D) is FA3's; `path` and `description` name the kernel. Flash Attention 3,
+    pinned, when it loads and passes a forward and backward check (also compiled) at the model's head dim and
+    windows, else the slower PyTorch fallback (causal SDPA, flex_attention for sliding windows; a mask on the CPU)."""
     repos = {"hopper": FA3_REPO_HOPPER, "other": FA3_REPO_OTHER}
-    attention = choose_attention(device, head_dim, windows, seq_len, repos, FA3_REVISIONS, FA3_VERSION)
-    _ATTENTION["path"] = attention.path
-    return attention
+    chosen = choose_attention(device, head_dim, windows, seq_len, repos, FA3_REVISIONS, FA3_VERSION, FA3_PIN_FILE)
+    _ATTENTION["path"] = chosen.path
+    return chosen
 
 # ---------------------------------------------------------------------------
 # Evaluation (DO NOT CHANGE — this is the fixed metric)

@@ -1,15 +1,25 @@
 """
-Attention for every experiment of a night: Flash Attention 3 from the kernels hub (its public get_kernel, at a
-pinned commit or a version branch), checked forward and backward against plain masked attention at the model's
-head dim and windows, or else the PyTorch fallback: causal SDPA, flex_attention for sliding windows on a GPU, an
-explicit mask on the CPU. One function with FA3's signature, whichever runs.
+Attention for every experiment of a night: Flash Attention 3 from the kernels hub through its public API, pinned
+to one commit at its first successful load and reused from the hub cache (no hub request, also offline) until the
+user moves the pin; checked forward and backward, called directly and through torch.compile, against plain masked
+attention at the model's head dim and windows; or else the PyTorch fallback: causal SDPA, flex_attention for
+sliding windows on a GPU, an explicit mask on the CPU. One function with FA3's signature, whichever runs.
 """
 
+import datetime
+import json
 import os
 import re
+from pathlib import Path
 
 from harness.download import connect_error
 from harness.errors import first_line
+from harness.records import atomic_write
+
+# Test-only: "9.0" runs FA3's loading and check on the CPU as on a GPU of that compute capability (the tests'
+# kernel is Python); read here in choose_attention alone, never set by the harness.
+FA3_ON_CPU = "AUTORESEARCH_FA3_ON_CPU"
+REPIN = "uv run prepare.py --repin-attention"
 
 
 class Attention:
@@ -89,26 +99,52 @@ def _is_offline(e):
     return False
 
 
-def fetch_flash_attention_3(repo, revision, version):
-    """FA3's interface module from the kernels hub, tried once: (module, commit) or (None, why). At `revision` (a
-    full commit) when pinned, else at the kernels-hub `version` branch, whose commit the downloaded snapshot names."""
+def cached_snapshot(repo, commit):
+    """The hub cache's folder of a kernel repo at a commit, if a download left its build there, else None."""
     from huggingface_hub import constants
-    if not constants.HF_HUB_OFFLINE:
-        unreachable = _hub_unreachable(constants.ENDPOINT)
-        if unreachable:
-            return None, f"offline: {unreachable}; HF_HUB_OFFLINE=1 uses a cached kernel without trying the network"
-    where = f"{repo}@{revision or f'v{version}'}"
+    from huggingface_hub.file_download import repo_folder_name
+    cache = os.environ.get("KERNELS_CACHE") or constants.HF_HUB_CACHE   # where the kernels client downloads to
+    path = Path(cache) / repo_folder_name(repo_id=repo, repo_type="kernel") / "snapshots" / commit
+    return path if (path / "build").is_dir() else None
+
+
+def fetch_flash_attention_3(repo, revision, version):
+    """FA3's interface module, tried once: (module, commit) or (None, why). A commit (`revision`) that the hub cache
+    holds loads from there with no hub request; else get_kernel fetches that commit, or, unpinned, the commit that
+    the version branch v`version` points to now (named by the snapshot it downloads to)."""
     try:
-        from kernels import get_kernel
+        from kernels import get_kernel, get_local_kernel
+    except ImportError as e:
+        return None, f"the kernels package is not installed ({first_line(e)[:120]})"
+    from huggingface_hub import constants
+    where = f"{repo}@{revision or f'v{version}'}"
+    snapshot, local_error = revision and cached_snapshot(repo, revision), ""
+    if snapshot:
+        # By path: kernels 0.17.2's offline get_kernel(revision=) rejects a snapshot that holds one build variant
+        # of the several the repo lists (IncompleteSnapshotError), which is every FA3 download
+        try:
+            return get_local_kernel(snapshot).flash_attn_interface, revision
+        except Exception as e:
+            local_error = f"; its cached copy fails to load ({first_line(e)[:160]})"
+    if constants.HF_HUB_OFFLINE:
+        return None, f"offline: {where}: HF_HUB_OFFLINE is set and it is not in the hub cache{local_error}"
+    unreachable = _hub_unreachable(constants.ENDPOINT)
+    if unreachable:
+        return None, f"offline: {unreachable}{local_error}; HF_HUB_OFFLINE=1 uses a cached kernel without trying"
+    try:
         at = dict(revision=revision) if revision else dict(version=version)
         module = get_kernel(repo, trust_remote_code=[repo], **at)
-        return module.flash_attn_interface, revision or snapshot_commit(module) or f"v{version}"
+        commit = revision or snapshot_commit(module)
+        if not commit:
+            return None, f"{where}: loaded from {module.__file__}, which names no commit to pin"
+        return module.flash_attn_interface, commit
     except Exception as e:
-        if constants.HF_HUB_OFFLINE or _is_offline(e):
-            why = "HF_HUB_OFFLINE is set and it is not in the local cache" if constants.HF_HUB_OFFLINE else \
-                f"cannot reach {constants.ENDPOINT}"
-            return None, f"offline: {where}: {why} ({first_line(e)[:160]})"
-        return None, f"{where}: {first_line(e)[:200]}"
+        if _is_offline(e):
+            return None, f"offline: {where}: cannot reach {constants.ENDPOINT} ({first_line(e)[:160]})"
+        why = first_line(e)[:200]
+        if constants.HF_HUB_DISABLE_TELEMETRY and "Illegal header value" in why:   # an empty User-Agent item
+            why += "; kernels 0.17.2 sends an invalid User-Agent under HF_HUB_DISABLE_TELEMETRY=1: unset it"
+        return None, f"{where}: {why}"
 
 
 def snapshot_commit(module):
@@ -117,44 +153,119 @@ def snapshot_commit(module):
     return found and found[1]
 
 
+def _forward_backward(attend, q, k, v, dy, n):
+    """attend(q, k, v) returns one output per window; [output, dq, dk, dv] of the n-th, in float32."""
+    import torch
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    y = attend(*leaves)[n]
+    y.backward(dy)
+    return [y.detach().float(), *(torch.zeros_like(t) if t.grad is None else t.grad.float() for t in leaves)]
+
+
 def check_flash_attention_3(kernel, head_dim, windows, seq_len, device="cuda"):
-    """FA3's forward and backward at the model's head dim, windows and length, against the plain masked reference."""
+    """FA3's forward and backward at the model's head dim, windows and length against plain masked attention, called
+    directly and through torch.compile as the model calls it: a kernel that fails only compiled fails here."""
     import torch
     gen = torch.Generator().manual_seed(0)
     q, k, v, dy = (torch.randn(1, seq_len, 2, head_dim, generator=gen).to(device, torch.bfloat16) for _ in range(4))
-    for window in sorted(set(windows)):
-        results = []
-        ours = Attention(kernel, "", "").flash_attn_func
-        for attend in (lambda *t: ours(*t, causal=True, window_size=(window, 0)),
-                       lambda *t: masked_attention(*(x.float().transpose(1, 2) for x in t), window).transpose(1, 2)):
-            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            y = attend(*leaves)
-            y.backward(dy)
-            results.append([y.float(), *(torch.zeros_like(t) if t.grad is None else t.grad.float() for t in leaves)])
-        for name, ours, ref in zip(("output", "dq", "dk", "dv"), *results):
-            error, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
-            if not error <= 0.03 * max(scale, 1.0):   # bf16 rounding, with room; a wrong mask is off by O(1)
-                raise RuntimeError(f"{name} at window {window} differs from masked attention by {error:.3g}")
+    windows, fa3 = sorted(set(windows)), Attention(kernel, "", "").flash_attn_func
 
-def choose_attention(device, head_dim, windows, seq_len, repos, revisions, version):
-    """The attention of a run, decided once: FA3 from the first of `repos` (by compute capability: (9, 0) and
-    every other) when it loads and passes its check, at its commit in `revisions` if pinned; else the fallback."""
+    def fa3_check(q, k, v):   # every window in one graph: one compile, no recompiles
+        return [fa3(q, k, v, causal=True, window_size=(w, 0)) for w in windows]
+
+    def reference(q, k, v):
+        return [masked_attention(*(t.float().transpose(1, 2) for t in (q, k, v)), w).transpose(1, 2) for w in windows]
+    # inductor on a GPU, as train.py compiles its model; aot_eager on the CPU (tests), which traces the same way
+    compiled = torch.compile(fa3_check, dynamic=False, **({} if q.is_cuda else dict(backend="aot_eager")))
+    for n, window in enumerate(windows):
+        expected = _forward_backward(reference, q, k, v, dy, n)
+        for how, attend in (("", fa3_check), (" under torch.compile", compiled)):
+            try:
+                results = _forward_backward(attend, q, k, v, dy, n)
+            except Exception as e:
+                raise RuntimeError(f"it fails{how} at window {window}: {first_line(e)[:200]}") from e
+            for name, ours, ref in zip(("output", "dq", "dk", "dv"), results, expected):
+                error, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
+                if not error <= 0.03 * max(scale, 1.0):   # bf16 rounding, with room; a wrong mask is off by O(1)
+                    raise RuntimeError(f"{name}{how} at window {window} differs from masked attention by {error:.3g}")
+
+
+def read_pins(pin_file):
+    """The pins recorded at first use, {"hopper" or "other": {"repo", "commit", "pinned"}}; {} if none or unreadable."""
+    try:
+        pins = json.loads(Path(pin_file).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {gpu: pin for gpu, pin in pins.items() if isinstance(pin, dict) and isinstance(pin.get("repo"), str)
+            and re.fullmatch(r"[0-9a-f]{40}", str(pin.get("commit"))) and isinstance(pin.get("pinned"), str)}
+
+
+def record_pin(pin_file, gpu, repo, commit):
+    """Pin `repo`@`commit` for this kind of GPU, atomically; what the attention line says about it."""
+    pins = read_pins(pin_file)
+    pins[gpu] = dict(repo=repo, commit=commit, pinned=f"{datetime.datetime.now():%Y-%m-%d %H:%M}")
+    try:
+        Path(pin_file).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(pin_file, lambda tmp: tmp.write_text(json.dumps(pins, indent=1) + "\n"))
+    except (OSError, SystemExit) as e:   # SystemExit: the harness's disk-full error
+        return f"resolved now, NOT pinned: {pin_file} cannot be written ({first_line(e)[:120]})"
+    return f"resolved now and pinned from here on in {pin_file}; `{REPIN}` moves it"
+
+
+def forget_pins(pin_file):
+    """`prepare.py --repin-attention`: the next run that loads FA3 on each kind of GPU resolves and pins it anew."""
+    Path(pin_file).unlink(missing_ok=True)
+
+
+def _capability(device):
+    """The compute capability FA3 is chosen for: the GPU's, or on the CPU the test-only FA3_ON_CPU's, else None."""
     import torch
-    if torch.device(device).type != "cuda":
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    given = re.fullmatch(r"(\d+)\.(\d+)", os.environ.get(FA3_ON_CPU, "").strip())
+    return given and (int(given[1]), int(given[2]))
+
+
+def choose_attention(device, head_dim, windows, seq_len, repos, revisions, version, pin_file):
+    """The attention of a run, decided once. FA3 from `repos` ({"hopper": repo, "other": repo}; compute capability
+    (9, 0) tries both, in that order, every other GPU the second): at its commit in `revisions` when one is pinned
+    there, else at the commit this kind of GPU pinned at first use in `pin_file`, else at the commit v`version`
+    points to now, which is then pinned; when it loads and passes its check. Else the fallback, saying why."""
+    import torch
+    device = torch.device(device)
+    capability = _capability(device)
+    if not capability:
         return Attention(None, "sdpa-cpu", "PyTorch SDPA with an explicit sliding-window mask (CPU; FA3 and "
                          "flex_attention need a GPU)")
-    repo = repos["hopper" if torch.cuda.get_device_capability() == (9, 0) else "other"]
-    kernel, commit = fetch_flash_attention_3(repo, revisions.get(repo, ""), version)
-    why = commit
-    if kernel is not None:
+    gpu = "hopper" if tuple(capability) == (9, 0) else "other"
+    candidates = [repos["hopper"], repos["other"]] if gpu == "hopper" else [repos["other"]]
+    recorded = read_pins(pin_file).get(gpu)
+    tries = [(repo, revisions[repo], "pinned in prepare.py FA3_REVISIONS") for repo in candidates
+             if revisions.get(repo)][:1]
+    if not tries and recorded and recorded["repo"] in candidates:
+        tries = [(recorded["repo"], recorded["commit"], f"pinned at first use on {recorded['pinned']} in {pin_file}; "
+                  f"`{REPIN}` moves it")]
+    tries = tries or [(repo, "", None) for repo in candidates]
+    reasons = []
+    for repo, revision, pinned in tries:
+        kernel, commit = fetch_flash_attention_3(repo, revision, version)
+        if kernel is None:
+            reasons += [commit] if commit not in reasons else []   # no kernels package: once, not per repo
+            continue
         try:
-            check_flash_attention_3(kernel, head_dim, windows, seq_len)
-            pinned = "pinned" if revisions.get(repo) else f"NOT pinned: v{version} resolved now, see docs/gpu.md"
-            return Attention(kernel, f"fa3:{repo}@{commit[:12]}", f"Flash Attention 3, {repo}@{commit} ({pinned})")
+            check_flash_attention_3(kernel, head_dim, windows, seq_len, device)
         except Exception as e:
-            why = f"{repo}@{commit} fails its check at head_dim {head_dim}: {first_line(e)[:200]}"
+            reasons.append(f"{repo}@{commit} fails its check at head_dim {head_dim}: {first_line(e)[:300]}")
+            continue
+        how = pinned or f"v{version} " + record_pin(pin_file, gpu, repo, commit)
+        return Attention(kernel, f"fa3:{repo}@{commit[:12]}", f"Flash Attention 3, {repo}@{commit} ({how})")
+    if tries[0][1]:
+        reasons.append(f"the pin stays; `{REPIN}` moves it")
+    if device.type != "cuda":   # the test-only FA3_ON_CPU
+        return Attention(None, "sdpa-cpu", f"PyTorch SDPA with an explicit sliding-window mask (CPU); Flash "
+                         f"Attention 3 unavailable: {'; '.join(reasons)}")
     for window in set(windows):   # built here, once, not inside the compiled graph
         if 0 <= window < seq_len - 1:
-            sliding_window_mask(window, seq_len, torch.device(device))
+            sliding_window_mask(window, seq_len, device)
     return Attention(None, "flex+sdpa", f"PyTorch fallback, flex_attention (sliding windows) + causal SDPA, slower "
-                     f"than FA3; Flash Attention 3 unavailable: {why}")
+                     f"than FA3; Flash Attention 3 unavailable: {'; '.join(reasons)}")

@@ -48,6 +48,8 @@ def parse_args(argv):
                         "the val_bpb that RUN_LOG (default run.log) printed; program.md's guard before a keep")
     parser.add_argument("--smoke", action="store_true", help="instead: run the current train.py at toy size through "
                         "the harness (GPU if any, else CPU; needs a prepared cache) and print its summary block")
+    parser.add_argument("--repin-attention", action="store_true", help="instead: forget the Flash Attention 3 commit "
+                        "pinned at first use; on a GPU, resolve, check and pin it now (docs/gpu.md)")
     args = parser.parse_args(argv)
     if args.text_column and not (args.dataset or args.source):
         raise HarnessError("--text-column goes with --source DIR or --dataset NAME: it names their text column")
@@ -80,6 +82,19 @@ def held_out(data_dir):
         return []
 
 
+def repin_attention(prepare):
+    """`--repin-attention`: forget the Flash Attention 3 commits pinned at first use; on a GPU, resolve v1 now, check
+    it at the default model's shapes and pin it (a pin in prepare.FA3_REVISIONS still wins)."""
+    import torch
+    from harness.attention import forget_pins
+    forget_pins(prepare.FA3_PIN_FILE)
+    if not torch.cuda.is_available():
+        return print(f"attention: forgot the pins in {prepare.FA3_PIN_FILE}; the next run that loads FA3 on a GPU "
+                     f"pins anew")
+    T = prepare.MAX_SEQ_LEN
+    print(f"attention kernel: {prepare.load_attention(torch.device('cuda'), 128, [T // 2, T], T).description}")
+
+
 def next_step():
     """What to run once the cache is ready: a real run needs a CUDA GPU, the smoke run does not."""
     import torch
@@ -97,6 +112,8 @@ def main(prepare, argv=None):
     if args.verify:
         from harness.verify import verify
         return verify(prepare, args.verify)
+    if args.repin_attention:
+        return repin_attention(prepare)
     cache = prepare.CACHE_DIR
     name = dataset_name(args.dataset) if args.dataset else None
     if name == DATASET_REPO:

@@ -7,7 +7,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -248,7 +247,7 @@ def test_changing_hyperparameters_does_not_recompile(tr):
     torch._dynamo.reset()
 
 # ---------------------------------------------------------------------------
-# Attention, in the harness: the fallback against an explicit masked softmax, FA3's check and its loader
+# Attention, in the harness: the fallback against an explicit masked softmax (FA3's loader: test_attention.py)
 
 
 def reference_attention(q, k, v, window):
@@ -286,82 +285,6 @@ def test_fallback_attention_matches_masked_softmax(window):
 @pytest.mark.parametrize("window", [256, 128, 100])
 def test_flex_attention_matches_masked_softmax_on_gpu(window):
     check_attention(attention.Attention(None, "flex+sdpa", ""), window, T=256, device="cuda", atol=1e-3)
-
-
-class FakeKernel:
-    """Stands in for FA3's interface module on the CPU: the fallback's math, optionally with one thing broken."""
-
-    def __init__(self, broken=None):
-        self.broken = broken
-
-    def flash_attn_func(self, q, k, v, causal, window_size):
-        window = q.size(1) if self.broken == "window" else window_size[0]   # ignores the sliding window
-        y = attention.fallback_attention(q, k, v, window)
-        if self.broken == "backward":   # right forward, no gradient for q and k
-            y = y.detach() + (v - v.detach()).mean() * 0
-        return y, None   # FA3 returns (out, softmax_lse)
-
-
-@pytest.mark.parametrize("broken, message", [(None, None), ("backward", "dq at window"), ("window", "output at window 16")])
-def test_fa3_check_runs_forward_and_backward_at_the_real_head_dim_and_windows(broken, message):
-    check = lambda: attention.check_flash_attention_3(FakeKernel(broken), 64, [16, 32, 32], 32, device="cpu")
-    if message is None:
-        check()
-    else:
-        with pytest.raises(RuntimeError, match=message):
-            check()
-
-
-def closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]   # nothing listens there once the socket is closed
-
-
-FETCH = ("import sys, prepare; from harness.attention import fetch_flash_attention_3; "
-         "kernel, why = fetch_flash_attention_3(prepare.FA3_REPO_HOPPER, sys.argv[1], prepare.FA3_VERSION); "
-         "print(kernel, why, sep='|')")
-
-
-@pytest.mark.parametrize("pin", ["", "0123456789abcdef0123456789abcdef01234567"])
-@pytest.mark.parametrize("how", ["closed port", "HF_HUB_OFFLINE"])
-def test_fa3_loader_classifies_no_network_in_one_line_without_retries(tmp_path, pin, how):
-    """The real hub client, really offline: one line saying so, and no minute of retries."""
-    port = closed_port()
-    net = {"HF_ENDPOINT": f"http://127.0.0.1:{port}"} if how == "closed port" else {"HF_HUB_OFFLINE": "1"}
-    env = subprocess_env(tmp_path / "cache", HF_HOME=str(tmp_path / "hf"), **net)
-    proc = subprocess.run([sys.executable, "-c", FETCH, pin], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    kernel, why = proc.stdout.strip().split("|")
-    assert kernel == "None" and why.startswith("offline: ") and "\n" not in why
-    assert "Retry" not in proc.stderr   # the hub client's backoff never started
-    if how == "closed port":
-        assert f"cannot reach http://127.0.0.1:{port}" in why
-    else:
-        assert f"{prepare.FA3_REPO_HOPPER}@{pin or 'v1'}: HF_HUB_OFFLINE is set" in why
-
-
-def test_hub_client_transport_errors_count_as_offline():
-    """httpx2's ConnectError (the hub client's, no OSError) from a real refused connection, bare or wrapped."""
-    import httpx2
-    try:
-        httpx2.get(f"http://127.0.0.1:{closed_port()}/api/kernels", timeout=10)
-    except Exception as e:
-        refused = e
-    try:
-        raise RuntimeError("resolving the kernel failed") from refused
-    except RuntimeError as e:
-        wrapped = e
-    assert not isinstance(refused, OSError)  # why the old `isinstance(e, OSError)` never said "offline"
-    assert attention._is_offline(refused) and attention._is_offline(wrapped)
-    assert not attention._is_offline(ValueError("Version 1 not found, available versions: 2"))
-
-
-def test_fa3_pins_are_commits_not_branches():
-    assert set(prepare.FA3_REVISIONS) == {prepare.FA3_REPO_HOPPER, prepare.FA3_REPO_OTHER}
-    for repo, pin in prepare.FA3_REVISIONS.items():   # "" = not pinned yet (docs/gpu.md: how to pin)
-        assert pin == "" or re.fullmatch(r"[0-9a-f]{40}", pin), f"{repo}: {pin!r} is not a full commit sha"
 
 
 def test_train_py_calls_the_harness_attention_once_and_holds_no_kernel_code():
