@@ -1,8 +1,8 @@
 """
 Measure the harness on this machine: cache build, tokenizer training, loader throughput
 (the fast loader against the straightforward oracle, side by side), the validation rows,
-the evaluation's cost with and without the test split (side by side), and, on a GPU, one
-baseline run of train.py (start-up, compile warm-up, evaluation).
+the evaluation's cost with and without the test split (side by side), --verify's repacking,
+and, on a GPU, one baseline run of train.py (start-up, compile warm-up, evaluation).
 
     uv run tools/benchmark.py [--source ../shared/corpus] [--batches 20]
 
@@ -33,11 +33,13 @@ def throughput(batches, n, B, T):
 
 
 def evaluation_cost(prepare, tok, T, n_rows, repeats=3):
-    """evaluate_bpb as a run calls it (validation, the causality probe, the test split, the record) against the
-    validation part alone, interleaved, on a small causal model: the cost of the test score, as a ratio."""
+    """What the test score and the evaluation's checks cost, side by side on a small causal model: the validation
+    rows with the causality probe, the test rows (a quarter as many), and evaluate_bpb whole (the checks of the
+    harness's code and files, both splits, the record), each the median of `repeats`, interleaved."""
     import tempfile
 
     import torch
+    from harness import integrity, loader
     V = tok.get_vocab_size()
     model = torch.nn.Sequential(torch.nn.Embedding(V, 64), torch.nn.Linear(64, 256), torch.nn.ReLU(),
                                 torch.nn.Linear(256, V))
@@ -45,21 +47,33 @@ def evaluation_cost(prepare, tok, T, n_rows, repeats=3):
     prepare.RECORDS = Path(tempfile.mkdtemp(prefix="autoresearch-bench-")) / "evaluations.jsonl"
     token_bytes = prepare.get_token_bytes()
     rows = prepare.validation_rows(tok, T, n_rows)
-    prepare.evaluate_bpb(model, tok, 8)   # warm-up: packs and caches the test rows
-    full, val_only = [], []
+    test = loader.packed_rows(tok, T, n_rows // 4, prepare.list_shards("test"))
+    times = {"validation": [], "test": [], "evaluate_bpb": []}
     with torch.no_grad():
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            prepare.evaluate_bpb(model, tok, 8)
-            full.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            prepare._bits_per_byte(model, rows, 8, token_bytes, V, probe=True)
-            val_only.append(time.perf_counter() - t0)
-    full, val_only = sorted(full)[repeats // 2], sorted(val_only)[repeats // 2]
-    print(f"evaluation, {n_rows} validation rows of {T} tokens (+ the probe batch) and {n_rows // 4} test rows, "
+            for name, run in (("validation", lambda: prepare._bits_per_byte(
+                                  model, rows, 8, token_bytes, V, integrity.Probe(-(-n_rows // 8), T))),
+                              ("test", lambda: prepare._bits_per_byte(model, test, 8, token_bytes, V)),
+                              ("evaluate_bpb", lambda: prepare.evaluate_bpb(model, tok, 8))):
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+    val, test_s, whole = (sorted(times[k])[repeats // 2] for k in ("validation", "test", "evaluate_bpb"))
+    print(f"evaluation, {n_rows} validation rows of {T} tokens (+ 4 probe batches) and {n_rows // 4} test rows, "
           f"{os.cpu_count()} cores:")
-    print(f"  validation alone: {val_only:.3f} s, with the test split and the record: {full:.3f} s, "
-          f"ratio {full / val_only:.3f}")
+    print(f"  validation {val:.3f} s, test {test_s:.3f} s: the test score adds {test_s / val:.1%}; evaluate_bpb "
+          f"whole (checks, record) {whole:.3f} s = {whole / val:.2f} x the validation alone")
+
+
+def packing_cost(prepare, tok):
+    """--verify packs the validation rows again from the shard (never the token cache): its cost at the real size."""
+    from harness import loader
+    n_rows = prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN
+    fresh = type(tok)(tok.enc, id=None)
+    t0 = time.perf_counter()
+    loader.packed_rows(fresh, prepare.MAX_SEQ_LEN, n_rows, prepare.list_shards("val"))
+    print(f"--verify's repacking of {n_rows} validation rows of {prepare.MAX_SEQ_LEN + 1} tokens from the shard, "
+          f"{os.cpu_count()} cores: {time.perf_counter() - t0:.1f} s")
 
 
 def main():
@@ -110,6 +124,7 @@ def run(args, cache):
     t0 = time.perf_counter()
     prepare.validation_rows(tok, prepare.MAX_SEQ_LEN, n_rows)
     print(f"validation rows ({n_rows} x {prepare.MAX_SEQ_LEN + 1}) from the cache: {time.perf_counter() - t0:.3f} s")
+    packing_cost(prepare, tok)
     evaluation_cost(prepare, tok, args.eval_T, args.eval_rows)
     if torch.cuda.is_available():   # one real baseline run on this cache: where its time goes
         print("GPU: running train.py on this cache (about 6 minutes)...", flush=True)
