@@ -61,8 +61,8 @@ prepare.RECORDS = Path(os.environ["AUTORESEARCH_CACHE"]).parent / "evaluations.j
 # pytest-xdist hands out whole modules (`--dist loadscope --no-loadscope-reorder`), in this order: the longest
 # first (the Ray cluster's, the scripted night, the cache faults, the smoke run; by `--durations`), so that no worker
 # is left running a long module alone at the end. Modules not named here go last.
-LONGEST_FIRST = ["test_parallel", "test_program", "test_prepare", "test_train", "test_dataset", "test_download",
-                 "test_analysis", "test_gpu_check"]
+LONGEST_FIRST = ["test_parallel", "test_integrity", "test_program", "test_prepare", "test_train", "test_dataset",
+                 "test_records", "test_download", "test_attention", "test_analysis", "test_gpu_check", "test_house"]
 
 
 def pytest_collection_modifyitems(items):
