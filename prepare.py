@@ -217,7 +217,7 @@ def _bits_per_byte(model, rows, batch_size, token_bytes, vocab_size, probe=None,
     (--verify: another instance, which never sees the scored rows) or the model itself."""
     import torch
     import torch.nn.functional as F
-    device, (n_rows, T) = token_bytes.device, (len(rows), rows.shape[1] - 1)
+    device, n_rows = token_bytes.device, len(rows)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     done, first_size = 0, batch_size

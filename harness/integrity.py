@@ -8,7 +8,6 @@ in a fresh process, where train.py's code runs only inside the model.
 import base64
 import hashlib
 import json
-import math
 import secrets
 import sys
 import types

@@ -157,6 +157,43 @@ def run_prepare(cache, *args, env=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+# The user's one-time edits for a night on a CPU: the harness's constants in prepare.py's source (its frozen values for
+# that repo) and train.py's model size
+TOY_HARNESS = {"MAX_SEQ_LEN": "64", "EVAL_TOKENS": "64 * 8"}
+TOY_MODEL = {"DEPTH": "2", "ASPECT_RATIO": "16", "HEAD_DIM": "32", "DEVICE_BATCH_SIZE": "2",
+             "TOTAL_BATCH_SIZE": "2 * 64"}
+
+
+def set_lines(path, values):
+    """Lines `NAME = ...` of a source file set to new values, each found exactly once."""
+    src = Path(path).read_text()
+    for name, value in values.items():
+        src, n = re.subn(rf"^{name} = .*$", f"{name} = {value}", src, count=1, flags=re.M)
+        assert n == 1, name
+    Path(path).write_text(src)
+
+
+def toy_repo(root, cache):
+    """A git repo at `root` with prepare.py, harness/ and train.py at toy size committed on main; returns the
+    environment its runs take (the cache, the CPU, a step budget of 1) and a git helper."""
+    root.mkdir(parents=True)
+    for name in ("prepare.py", "train.py", ".gitignore"):
+        shutil.copy(ROOT / name, root / name)
+    shutil.copytree(ROOT / "harness", root / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+    set_lines(root / "prepare.py", TOY_HARNESS)
+    set_lines(root / "train.py", TOY_MODEL)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "SEED"))}
+    env.update(AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_STEP_BUDGET="1", CUDA_VISIBLE_DEVICES="",
+               GIT_AUTHOR_NAME="a", GIT_AUTHOR_EMAIL="a@example.com", GIT_COMMITTER_NAME="a",
+               GIT_COMMITTER_EMAIL="a@example.com")
+    git = lambda *args: subprocess.run(["git", *args], cwd=root, env=env, check=True, capture_output=True,
+                                       text=True).stdout.strip()
+    git("init", "-q", "-b", "main")
+    git("add", "-A")
+    git("commit", "-qm", "toy size")
+    return env, git
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """A cache directory built by `prepare.py --source` from the tiny corpus (in sources/<its own>/, active)."""

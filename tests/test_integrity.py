@@ -3,7 +3,6 @@ lowered it before, refused by the evaluation's own checks, by `uv run prepare.py
 flagged by the report. Real toy runs of train.py in a git repo; every outcome decided by what the edit does."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -11,12 +10,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT, fails_in_one_line
+from conftest import ROOT, fails_in_one_line, toy_repo
 from harness import evaluations
 from harness.formats import RESULTS_HEADER, parse_summary
 
-HARNESS = {"MAX_SEQ_LEN": "64", "EVAL_TOKENS": "64 * 8"}
-TOY = {"DEPTH": "2", "ASPECT_RATIO": "16", "HEAD_DIM": "32", "DEVICE_BATCH_SIZE": "2", "TOTAL_BATCH_SIZE": "2 * 64"}
 AFTER_IMPORTS = "import torch.nn.functional as F\n"
 AFTER_HARNESS = "# ---------------------------------------------------------------------------\n# GPT model\n"
 EVALUATION = "    val_bpb = evaluate_bpb(model, tokenizer, device_batch_size)\n"
@@ -78,25 +75,10 @@ ATTACKS = {
 }
 
 
-def set_lines(path, values):
-    src = path.read_text()
-    for name, value in values.items():
-        src, n = re.subn(rf"^{name} = .*$", f"{name} = {value}", src, count=1, flags=re.M)
-        assert n == 1, name
-    path.write_text(src)
-
-
 class Repo:
     def __init__(self, root, cache):
         self.root = root
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "SEED"))}
-        self.env.update(AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_STEP_BUDGET="1", CUDA_VISIBLE_DEVICES="",
-                        GIT_AUTHOR_NAME="a", GIT_AUTHOR_EMAIL="a@example.com", GIT_COMMITTER_NAME="a",
-                        GIT_COMMITTER_EMAIL="a@example.com")
-
-    def git(self, *args):
-        return subprocess.run(["git", *args], cwd=self.root, env=self.env, check=True, capture_output=True,
-                              text=True).stdout.strip()
+        self.env, self.git = toy_repo(root, cache)
 
     def run(self, *args, timeout=300):
         return subprocess.run([sys.executable, *args], cwd=self.root, env=self.env, capture_output=True, text=True,
@@ -126,17 +108,7 @@ def repo(tmp_path_factory, tiny_cache):
     """A toy repo whose own cache is a copy of the tiny one (one attack rewrites a file of it), and its honest run."""
     base = tmp_path_factory.mktemp("integrity")
     cache = shutil.copytree(tiny_cache, base / "cache")
-    root = base / "repo"
-    root.mkdir()
-    for name in ("prepare.py", "train.py", ".gitignore"):
-        shutil.copy(ROOT / name, root / name)
-    shutil.copytree(ROOT / "harness", root / "harness", ignore=shutil.ignore_patterns("__pycache__"))
-    set_lines(root / "prepare.py", HARNESS)
-    set_lines(root / "train.py", TOY)
-    repo = Repo(root, cache)
-    repo.git("init", "-q", "-b", "main")
-    repo.git("add", "-A")
-    repo.git("commit", "-qm", "toy size")
+    repo = Repo(base / "repo", cache)
     repo.honest = repo.run_and_verify()
     return repo
 

@@ -2,53 +2,24 @@
 keep guard: real toy runs of train.py in a git repo, numbers forged the ways an agent or a typo would."""
 
 import json
-import os
-import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, set_lines, toy_repo
 from harness import evaluations
 from harness.formats import RESULTS_HEADER, parse_summary
 
-# The user's one-time edits before a night on a CPU (in prepare.py's source: its frozen values for this repo)
-HARNESS = {"MAX_SEQ_LEN": "64", "EVAL_TOKENS": "64 * 8"}
-TOY = {"DEPTH": "2", "ASPECT_RATIO": "16", "HEAD_DIM": "32", "DEVICE_BATCH_SIZE": "2", "TOTAL_BATCH_SIZE": "2 * 64"}
 FORGE = "val_bpb -= 0.1  # a better number than the harness measured\n"
 SHRINK = "import prepare\nprepare.EVAL_TOKENS = 64 * 2  # evaluate on fewer rows\n"
-
-
-def set_lines(path, values):
-    src = path.read_text()
-    for name, value in values.items():
-        src, n = re.subn(rf"^{name} = .*$", f"{name} = {value}", src, count=1, flags=re.M)
-        assert n == 1, name
-    path.write_text(src)
 
 
 @pytest.fixture(scope="module")
 def night(tmp_path_factory, tiny_cache):
     """A repo at toy size and four runs: honest, forged by printing, evaluated on fewer rows, and a dirty tree."""
     repo = tmp_path_factory.mktemp("records") / "repo"
-    repo.mkdir()
-    for name in ("prepare.py", "train.py", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "harness", repo / "harness", ignore=shutil.ignore_patterns("__pycache__"))
-    set_lines(repo / "prepare.py", HARNESS)
-    set_lines(repo / "train.py", TOY)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "SEED"))}
-    env.update(AUTORESEARCH_CACHE=str(tiny_cache), AUTORESEARCH_STEP_BUDGET="1", CUDA_VISIBLE_DEVICES="",
-               GIT_AUTHOR_NAME="a", GIT_AUTHOR_EMAIL="a@example.com", GIT_COMMITTER_NAME="a",
-               GIT_COMMITTER_EMAIL="a@example.com")
-    git = lambda *args: subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True,
-                                       text=True).stdout.strip()
-    git("init", "-q", "-b", "main")
-    git("add", "-A")
-    git("commit", "-qm", "toy size")
+    env, git = toy_repo(repo, tiny_cache)
 
     def run(name):
         with open(repo / "run.log", "w") as log:
