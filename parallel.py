@@ -2,17 +2,19 @@
 Many GPUs: run experiments as Ray jobs, one commit per GPU, many at a time (see parallel.md).
 
     uv run --group parallel parallel.py start-head              # one box: a local Ray head on 127.0.0.1
-    uv run --group parallel parallel.py submit COMMIT... --wave N [--seed S] [--control]
-    uv run --group parallel parallel.py list | wait | stop RUN | collect | keep RUN | report
+    uv run --group parallel parallel.py submit COMMIT... --wave N [--seed S] [--control] | submit --retry RUN
+    uv run --group parallel parallel.py list | wait | stop RUN | collect | log RUN | keep RUN | report
     uv run --group parallel parallel.py stop-head
 
 The agent stays the scheduler: it decides what to run and what to keep (parallel.md). This tool only
 snapshots commits, places each run on one GPU through Ray Jobs, and turns finished runs into results.tsv
-rows. It talks to the cluster at RAY_ADDRESS (default http://127.0.0.1:8265, where start-head puts it).
+rows, each number taken from the harness's own record of the run (evaluations.jsonl). It talks to the
+cluster at RAY_ADDRESS (default http://127.0.0.1:8265, where start-head puts it).
 Nothing on the single-GPU path (train.py, prepare.py, program.md's loop) imports this file or Ray.
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +30,7 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
+from harness import evaluations
 from harness.formats import PARALLEL_HEADER, parse_summary
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -39,18 +42,37 @@ PREFIX = "ar-"                                # submission ids of our runs start
 HEADER = list(PARALLEL_HEADER)                # results.tsv's columns, then a parallel night's own
 HEAD_STATE = "autoresearch-head.json"
 
-# The job's shell command. The GPU's name comes from nvidia-smi (Ray sets CUDA_VISIBLE_DEVICES to the physical
-# index); the venv is one per node next to uv's cache, so a job never copies ~7 GB of wheels into Ray's temp dir.
+# The job's shell command, in a clean environment (no virtualenv of whoever started the node). The GPU's name comes
+# from nvidia-smi (Ray sets CUDA_VISIBLE_DEVICES to the physical index); the venv is one per node next to uv's cache,
+# so a job never copies ~7 GB of wheels into Ray's temp dir. A node's first runs all start at once, and two uv builds
+# of one fresh venv delete each other's files ("failed to remove directory ...: Directory not empty"): the sync that
+# `uv run` does first runs alone, under a lock, and the runs after the first find the venv built. Every line
+# `parallel: ...` is read back by collect: before `train.py starts` nothing of the experiment ran (a retry may redo it).
 ENTRYPOINT = """\
-echo "parallel: run {run} on $(hostname) in $PWD, CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}, \
-OMP_NUM_THREADS=${{OMP_NUM_THREADS:-}}"
+echo "parallel: run {run} on $(hostname) in $PWD, CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}"
+echo "parallel: threads ${{OMP_NUM_THREADS:-}} ({threads_from})"
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader -i "${{CUDA_VISIBLE_DEVICES%%,*}}" 2>/dev/null | head -n 1)
 echo "parallel: gpu ${{gpu:-none}}"
+unset VIRTUAL_ENV
 export UV_PROJECT_ENVIRONMENT="${{UV_PROJECT_ENVIRONMENT:-${{XDG_CACHE_HOME:-$HOME/.cache}}/autoresearch-venv}}"
-timeout {limit} uv run --frozen train.py
+if ! command -v flock >/dev/null; then
+  echo "parallel: not started: no flock on $(hostname) (install util-linux)"
+  exit 127
+fi
+mkdir -p "$(dirname "$UV_PROJECT_ENVIRONMENT")"
+flock "$UV_PROJECT_ENVIRONMENT.lock" uv run --frozen true
 code=$?
+if [ $code -ne 0 ]; then
+  echo "parallel: not started: building the environment $UV_PROJECT_ENVIRONMENT failed (exit $code)"
+  exit $code
+fi
+echo "parallel: train.py starts"
+timeout {limit} uv run --frozen --no-sync train.py
+code=$?
+if [ -f {records} ]; then echo "parallel: record $(tail -n 1 {records})"; fi
 echo "parallel: exit code $code"
 exit $code"""
+RUN_ID = re.compile(r"^(?P<base>.+-w\d+)(?:-a(?P<attempt>\d+))?$")   # a retry is the same run, attempt 2, 3, ...
 
 
 class Refusal(Exception):
@@ -60,6 +82,10 @@ class Refusal(Exception):
 # ---------------------------------------------------------------------------------------------------------------
 # Cluster access
 
+def cluster_address():
+    return os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+
+
 def job_client():
     try:
         from ray.job_submission import JobSubmissionClient
@@ -68,12 +94,35 @@ def job_client():
     for name in list(logging.root.manager.loggerDict):   # Ray's INFO lines would flood the agent's context
         if name.startswith("ray"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    address = os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    address = cluster_address()
     try:
         return JobSubmissionClient(address)
     except (OSError, RuntimeError, ValueError) as e:
         raise Refusal(f"no Ray cluster answers at {address} ({str(e).splitlines()[0]}); start one with "
                       "`parallel.py start-head`, or set RAY_ADDRESS=http://HEAD:8265") from None
+
+
+def threads_per_run():
+    """(threads, why): the CPUs of a GPU node divided by its GPUs, as Ray counts them (the smallest over the
+    cluster's GPU nodes, so that no node is oversubscribed), at least 1. A head that has just started may not list
+    its node yet: wait for it, as submit_when_ready waits for its job agent."""
+    from ray.util.state import list_nodes
+    deadline = time.time() + AGENT_WAIT   # an upper bound for a slow start, never a decision
+    while True:
+        try:
+            nodes = list_nodes(address=cluster_address(), filters=[("state", "=", "ALIVE")],
+                               raise_on_missing_output=False)
+        except Exception as e:   # the state API raises its own kinds; any of them means: no node list
+            raise Refusal(f"cannot list the cluster's nodes to size each run's threads ({str(e).splitlines()[0]}); "
+                          "pass --threads N (the CPU cores per GPU of a node)") from None
+        gpu_nodes = [n.resources_total for n in nodes if n.resources_total.get("GPU")]
+        if gpu_nodes:
+            cpus, gpus = min(((int(r.get("CPU", 0)), int(r["GPU"])) for r in gpu_nodes), key=lambda c: c[0] / c[1])
+            return max(1, cpus // gpus), f"the node's {cpus} CPUs / {gpus} GPUs; --threads to override"
+        if nodes or time.time() > deadline:
+            raise Refusal(f"no node of the cluster at {cluster_address()} offers a GPU yet; start it with GPUs, or "
+                          "pass --threads N (the CPU cores per GPU of the nodes that will run it)")
+        time.sleep(2)
 
 
 def our_jobs(client):
@@ -85,12 +134,49 @@ def our_jobs(client):
 
 
 def never_ran(job):
-    """A run that failed before its command started (start timeout, runtime env): no result, resubmit it."""
+    """A run that failed before its command started (start timeout, runtime env, its node lost)."""
     return str(job.status) == "FAILED" and job.driver_exit_code is None
 
 
 def is_finished(job):
     return str(job.status) in ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def job_log(client, job):
+    try:
+        return client.get_job_logs(job.submission_id)
+    except RuntimeError:   # a job that never got a driver may have no log at all
+        return ""
+
+
+def not_started(job, log):
+    """Why a finished run died before train.py started (no result: it may be retried), or None if train.py ran or
+    the agent stopped the run (its row says so)."""
+    if str(job.status) == "STOPPED" or re.search(r"^parallel: (train\.py starts|exit code \d+)$", log, re.M):
+        return None
+    said = re.findall(r"^parallel: not started: (.*)$", log, re.M)
+    if said:
+        return said[-1]
+    message = (job.message or "").strip().splitlines()
+    message = f": {message[0][:120]}" if message else ""
+    if never_ran(job):
+        return f"it never started or its node was lost{message}"
+    return f"it ended before train.py started, exit {job.driver_exit_code}{message}"
+
+
+def attempt_of(run):
+    """(the run's id without its attempt, the attempt: 1 for the first submission)."""
+    found = RUN_ID.match(run)
+    return (found["base"], int(found["attempt"] or 1)) if found else (run, 1)
+
+
+def retried(jobs):
+    """The ids of runs that a later attempt of the same run replaces."""
+    latest = {}
+    for job in jobs:
+        base, attempt = attempt_of(job.submission_id)
+        latest[base] = max(latest.get(base, 0), attempt)
+    return {j.submission_id for j in jobs if attempt_of(j.submission_id)[1] < latest[attempt_of(j.submission_id)[0]]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,6 +221,17 @@ def snapshot(sha, run, directory):
 # Commands
 
 def cmd_submit(args):
+    if args.retry:
+        given = (args.commits or args.wave is not None or args.seed != [42] or args.control or args.parent
+                 or args.description or args.time_limit != TIME_LIMIT or args.threads or args.env)
+        if given:
+            raise Refusal("--retry RUN runs that run again as it was first submitted: give no commits, no --wave "
+                          "and no other option")
+        return retry(job_client(), args.retry)
+    if not args.commits or args.wave is None:
+        raise Refusal("submit needs COMMIT... --wave N (or --retry RUN); see parallel.md")
+    if args.threads is not None and args.threads < 1:
+        raise Refusal(f"--threads {args.threads}: give at least 1")
     client = job_client()
     env = {}
     for item in args.env:
@@ -145,32 +242,75 @@ def cmd_submit(args):
     for name in ("AUTORESEARCH_CACHE", "AUTORESEARCH_DATASET"):
         if os.environ.get(name) and name not in env:
             env[name] = os.environ[name]
+    shas = [(resolve(commit), seed) for commit in args.commits for seed in args.seed]   # every commit checked first
+    threads, threads_from = (args.threads, "--threads") if args.threads else threads_per_run()
     branch = current_branch()
     night = re.sub(r"[^A-Za-z0-9_.]+", "_", branch.split("/")[-1])   # the run tag: two nights never share an id
-    existing = {j.submission_id: j for j in client.list_jobs() if (j.submission_id or "").startswith(PREFIX)}
-    for commit, seed in [(c, s) for c in args.commits for s in args.seed]:
-        sha = resolve(commit)
+    existing = {}
+    for job in client.list_jobs():
+        if (job.submission_id or "").startswith(PREFIX):
+            existing.setdefault(attempt_of(job.submission_id)[0], []).append(job)
+    for sha, seed in shas:
         parent = resolve(args.parent) if args.parent else parent_of(sha)
         run = f"{PREFIX}{night}-{sha[:12]}-s{seed}-w{args.wave}"
-        if run in existing and not never_ran(existing[run]):
-            print(f"{run}: already submitted ({existing[run].status}), nothing to do")
-            continue
         if run in existing:
-            client.delete_job(run)   # it never ran (e.g. it waited past the start timeout): run it again
+            job = max(existing[run], key=lambda j: attempt_of(j.submission_id)[1])
+            why = not_started(job, job_log(client, job)) if is_finished(job) else None
+            hint = f"; it did not start ({why}): `parallel.py submit --retry {job.submission_id}`" if why else ""
+            print(f"{job.submission_id}: already submitted ({job.status}), nothing to do{hint}")
+            continue
         description = "control" if args.control else (args.description or git("log", "-1", "--format=%s", sha))
-        git("update-ref", f"refs/parallel/{run}", sha)   # the commit stays reachable after the agent's resets
-        with tempfile.TemporaryDirectory(prefix="autoresearch-run-") as tmp:
-            files = snapshot(sha, run, tmp)
-            submit_when_ready(
-                client,
-                entrypoint=ENTRYPOINT.format(run=run, limit=args.time_limit),
-                submission_id=run,
-                entrypoint_num_gpus=1,   # without it Ray sets no CUDA_VISIBLE_DEVICES and every run lands on GPU 0
-                runtime_env={"working_dir": str(files),
-                             "env_vars": {"SEED": str(seed), "OMP_NUM_THREADS": str(args.threads), **env}},
-                metadata={"branch": branch, "commit": sha, "parent": parent, "wave": str(args.wave), "seed": str(seed),
-                          "description": description, "control": "1" if args.control else ""})
-        print(f"{run}: submitted {sha[:7]} {description!r} (wave {args.wave}, seed {seed})")
+        metadata = {"branch": branch, "commit": sha, "parent": parent, "wave": str(args.wave), "seed": str(seed),
+                    "description": description, "control": "1" if args.control else "",
+                    "time_limit": str(args.time_limit), "threads_from": threads_from}
+        env_vars = {"SEED": str(seed), "OMP_NUM_THREADS": str(threads), "AUTORESEARCH_COMMIT": sha, **env}
+        launch(client, run, metadata, env_vars)
+        print(f"{run}: submitted {sha[:7]} {description!r} (wave {args.wave}, seed {seed}, {threads} threads)")
+
+
+def launch(client, run, metadata, env_vars):
+    """Submit one run: a snapshot of its commit, one GPU, the metadata collect reads back. AUTORESEARCH_COMMIT names
+    the commit in the harness's record (the snapshot has no .git)."""
+    sha = metadata["commit"]
+    git("update-ref", f"refs/parallel/{run}", sha)   # the commit stays reachable after the agent's resets
+    with tempfile.TemporaryDirectory(prefix="autoresearch-run-") as tmp:
+        files = snapshot(sha, run, tmp)
+        submit_when_ready(
+            client,
+            entrypoint=ENTRYPOINT.format(run=run, limit=metadata["time_limit"], threads_from=metadata["threads_from"],
+                                         records=evaluations.RECORDS_FILE),
+            submission_id=run,
+            entrypoint_num_gpus=1,   # without it Ray sets no CUDA_VISIBLE_DEVICES and every run lands on GPU 0
+            runtime_env={"working_dir": str(files), "env_vars": env_vars},
+            metadata=metadata)
+
+
+def retry(client, run):
+    """Run again, as a new attempt, a run that died before train.py started; never a run whose train.py ran."""
+    jobs = {j.submission_id: j for j in our_jobs(client)}
+    if run not in jobs:
+        raise Refusal(f"{run}: no such run of this branch on the cluster (see parallel.py list)")
+    job = jobs[run]
+    base, attempt = attempt_of(run)
+    later = sorted((attempt_of(j)[1], j) for j in jobs if attempt_of(j)[0] == base and attempt_of(j)[1] > attempt)
+    if later:
+        raise Refusal(f"{run} was already retried as {later[-1][1]}; retry that one if it did not start either")
+    if not is_finished(job):
+        raise Refusal(f"{run} is {job.status}: wait for it to finish (parallel.py wait {run})")
+    log = job_log(client, job)
+    why = not_started(job, log)
+    if why is None:
+        code = parse_log(log)[0]
+        code = job.driver_exit_code if code is None else code
+        how = "was stopped" if str(job.status) == "STOPPED" else f"ran and exited {code}"
+        raise Refusal(f"{run}: train.py {how}: that is the experiment's result, never retried (a crash is fixed in "
+                      "a new commit, submitted in a later wave)")
+    new = f"{base}-a{attempt + 1}"
+    metadata = {**(job.metadata or {}), "retry_of": run}
+    metadata.setdefault("time_limit", str(TIME_LIMIT))
+    metadata.setdefault("threads_from", "as first submitted")
+    launch(client, new, metadata, dict((job.runtime_env or {}).get("env_vars") or {}))
+    print(f"{new}: submitted again ({run} did not start: {why})")
 
 
 def submit_when_ready(client, **job):
@@ -192,14 +332,20 @@ def cmd_list(args):
     client = job_client()
     jobs = our_jobs(client)
     collected = collected_runs(Path(args.results))
+    replaced = retried(jobs)
     counts = {}
     for job in jobs:
         meta = job.metadata or {}
         state = str(job.status)
-        if is_finished(job):
-            state = "never ran" if never_ran(job) else ("collected" if job.submission_id in collected else "finished")
+        if job.submission_id in replaced:
+            state = "retried"
+        elif job.submission_id in collected:
+            state = "collected"
+        elif is_finished(job):
+            failed = str(job.status) == "FAILED" and not_started(job, job_log(client, job))
+            state = "not started" if failed else "finished"
         counts[state] = counts.get(state, 0) + 1
-        print(f"{job.submission_id}  {state:<9}  wave {meta.get('wave', '?'):>3}  {meta.get('description', '')}")
+        print(f"{job.submission_id}  {state:<11}  wave {meta.get('wave', '?'):>3}  {meta.get('description', '')}")
     print(", ".join(f"{n} {state}" for state, n in counts.items()) or "no runs on this cluster")
 
 
@@ -271,41 +417,156 @@ def write_results(path, rows):
 
 
 def cmd_collect(args):
-    """Append one row per finished, not yet collected run; running it twice adds nothing."""
+    """Append one row per finished, not yet collected run; running it twice adds nothing. A run that died before
+    train.py started gets no row (it is no result): it is named, to be retried."""
     client = job_client()
     path = Path(args.results)
     rows = read_results(path)
     done = {row["run"] for row in rows}
+    records_path = path.with_name(evaluations.RECORDS_FILE)
+    kept_records = {r["run"] for r in evaluations.read(records_path)[0] or [] if r.get("run")}
+    reference = baseline_reference(rows, records_path)
+    jobs = our_jobs(client)
+    replaced = retried(jobs)
+    jobs = [j for j in jobs if is_finished(j) and j.submission_id not in done | replaced]
     new = []
-    jobs = [j for j in our_jobs(client) if is_finished(j) and j.submission_id not in done]
     for job in sorted(jobs, key=lambda j: (int((j.metadata or {}).get("wave", 0)), j.start_time or 0)):
-        if never_ran(job):
-            print(f"{job.submission_id}: ended with no exit code, it never started or its node died "
-                  f"({(job.message or '').splitlines()[0][:80]}); submit it again")
+        log = job_log(client, job)
+        why = not_started(job, log)
+        if why:
+            print(f"{job.submission_id}: not started ({why}); no row: it is no result. Run it again with "
+                  f"`uv run --group parallel parallel.py submit --retry {job.submission_id}`")
             continue
-        meta = job.metadata or {}
-        code, summary, gpu = parse_log(client.get_job_logs(job.submission_id))
-        code = job.driver_exit_code if code is None else code
-        ok = code == 0 and "val_bpb" in summary and "peak_vram_mb" in summary
-        description = meta.get("description", "")
-        if meta.get("control"):
-            description = f"control (wave {meta.get('wave')})"
-        if meta.get("seed", "42") != "42":
-            description += f", seed {meta['seed']} (noise)"
-        if str(job.status) == "STOPPED":
-            description += " (stopped)"
-        elif not ok:
-            description += f" (exit {code}{', killed at the time limit' if code == 124 else ''})"
-        new.append({"commit": meta.get("commit", "")[:7],
-                    "val_bpb": f"{float(summary['val_bpb']):.6f}" if ok else "0.000000",
-                    "memory_gb": f"{float(summary['peak_vram_mb']) / 1024:.1f}" if ok else "0.0",
-                    "status": "discard" if ok else "crash", "description": description.replace("\t", " "),
-                    "gpu": gpu, "parent": meta.get("parent", "")[:7], "wave": meta.get("wave", ""),
-                    "run": job.submission_id, "started": stamp(job.start_time), "ended": stamp(job.end_time)})
+        row, record = result_row(job, log, rows + new, reference)
+        if record is not None and job.submission_id not in kept_records:
+            keep_record(records_path, record, job.submission_id)
+        new.append(row)
     write_results(path, rows + new)
     for row in new:
         print("\t".join(row[k] for k in ("run", "val_bpb", "status", "gpu", "description")))
     print(f"{len(new)} new rows in {path}")
+
+
+def result_row(job, log, rows, reference):
+    """(the run's results.tsv row, the harness's record that backs its val_bpb, or None for a crash). A crash row
+    keeps the experiment's description and says why in parentheses."""
+    meta = job.metadata or {}
+    sha, seed = meta.get("commit", ""), meta.get("seed", "42")
+    code, summary, gpu = parse_log(log)
+    code = job.driver_exit_code if code is None else code
+    description = meta.get("description", "")
+    if meta.get("control"):
+        description = f"control (wave {meta.get('wave')}): {best_description(sha, rows)}"
+    if seed != "42":
+        description += f", seed {seed}"
+    if meta.get("control") or seed != "42":
+        description += " (noise)"   # a rerun of a commit that has its own row (program.md's "Noise")
+    record = None
+    if str(job.status) == "STOPPED":
+        why = "stopped"
+    elif code != 0:
+        why = f"exit {code}{', killed at the time limit' if code == 124 else ''}"
+    elif "val_bpb" not in summary or "peak_vram_mb" not in summary:
+        why = "exit 0 without a summary block"
+    else:
+        record, why = checked_record(log, sha, summary["val_bpb"])
+        why = why or changed(record, gpu, reference)
+    if why:
+        record = None
+        description += f" ({why})"
+    else:
+        reference.setdefault("dataset", record.get("dataset"))   # the baseline's: the first row with a value
+        reference.setdefault(("attention", gpu), record.get("attention"))
+    row = {"commit": sha[:7], "val_bpb": f"{record['val_bpb']:.6f}" if record else "0.000000",
+           "memory_gb": f"{float(summary['peak_vram_mb']) / 1024:.1f}" if record else "0.0",
+           "status": "discard" if record else "crash", "description": description.replace("\t", " "),
+           "gpu": gpu, "parent": meta.get("parent", "")[:7], "wave": meta.get("wave", ""),
+           "run": job.submission_id, "started": stamp(job.start_time), "ended": stamp(job.end_time)}
+    return row, record
+
+
+def best_description(sha, rows):
+    """What a control runs: the description of its commit's kept row (not a rerun's), else the commit's subject."""
+    kept = [r["description"] for r in rows if r["commit"] == sha[:7] and r["status"] == "keep"
+            and not r["description"].endswith("(noise)")]
+    return kept[-1] if kept else git("log", "-1", "--format=%s", sha)
+
+
+def train_sha256(sha):
+    proc = subprocess.run(["git", "show", f"{sha}:train.py"], capture_output=True)
+    return hashlib.sha256(proc.stdout).hexdigest() if proc.returncode == 0 else None
+
+
+def checked_record(log, sha, printed):
+    """(the harness's record of the run, None) if it backs the val_bpb that train.py printed, else (None, why not):
+    program.md's `analysis.py --check`, for a run whose record came back in its log (`parallel: record {...}`)."""
+    lines = re.findall(r"^parallel: record (.*)$", log, re.M)
+    if not lines:
+        return None, "not backed: the harness wrote no record of the run"
+    try:
+        record = json.loads(lines[-1])
+        measured = f"{float(record['val_bpb']):.6f}"
+    except (ValueError, TypeError, KeyError):
+        return None, "not backed: its record is not one the harness writes"
+    if record.get("commit") != sha:
+        return None, f"not backed: the record is of commit {str(record.get('commit'))[:7]}, not {sha[:7]}"
+    if record.get("train_sha256") != train_sha256(sha):
+        return None, f"not backed: the train.py that ran is not {sha[:7]}'s"
+    try:
+        agrees = f"{float(printed):.6f}" == measured
+    except ValueError:
+        agrees = False
+    if not agrees:
+        return None, f"not backed: train.py printed val_bpb {printed}, the harness measured {measured}"
+    why = evaluations.why_not_backed(dict(record, dirty=False))   # dirty: the train.py that ran is the commit's
+    return (None, f"not backed: {why}") if why else (record, None)
+
+
+def changed(record, gpu, reference):
+    """program.md's checks before any keep: the dataset is the baseline's, and the attention path the baseline's
+    (on another GPU type FA3 may load from another build: there, the first run's on that type)."""
+    dataset, attention = record.get("dataset"), record.get("attention")
+    if reference.get("dataset", dataset) != dataset:
+        return f"dataset changed to {dataset}"
+    if reference.get(("attention", gpu), attention) != attention:
+        return f"attention changed to {attention}"
+    return None
+
+
+def baseline_reference(rows, records_path):
+    """The dataset of the night's first run with a value, and the attention path of the first on each GPU type, from
+    the records that collect kept beside results.tsv."""
+    records, _ = evaluations.read(records_path)
+    by_run = {r["run"]: r for r in records or [] if r.get("run")}
+    reference = {}
+    for row in rows:
+        record = by_run.get(row["run"])
+        if record and row["status"] != "crash":
+            reference.setdefault("dataset", record.get("dataset"))
+            reference.setdefault(("attention", row["gpu"]), record.get("attention"))
+    return reference
+
+
+def keep_record(path, record, run):
+    """A run's checked record in evaluations.jsonl beside results.tsv, as a single-GPU night has it, so that the
+    morning report backs these rows too; `dirty` is false because collect found the train.py that ran to be its
+    commit's (the harness, outside git, could not say)."""
+    line = json.dumps(dict(record, run=run, dirty=False), sort_keys=True) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+
+
+def cmd_log(args):
+    """A run's last lines, as program.md's `tail -n 50 run.log` (a progress line rewritten with \\r: its last state)."""
+    if args.lines < 1:
+        raise Refusal(f"-n {args.lines}: give at least 1 line")
+    client = job_client()
+    try:
+        text = client.get_job_logs(args.run)
+    except RuntimeError:
+        raise Refusal(f"no such run on this cluster: {args.run} (see parallel.py list)") from None
+    lines = [line.rsplit("\r", 1)[-1] for line in text.rstrip("\n").split("\n")]
+    print("\n".join(lines[-args.lines:]))
 
 
 def cmd_keep(args):
@@ -472,16 +733,18 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=60, help="seconds to let Ray drain before killing")
     p.set_defaults(func=cmd_stop_head)
 
-    p = sub.add_parser("submit", help="submit commits as runs, one GPU each")
-    p.add_argument("commits", nargs="+", help="commits to run (hashes or refs); each runs as a snapshot")
-    p.add_argument("--wave", type=int, required=True, help="the wave number: part of the run's id")
+    p = sub.add_parser("submit", help="submit commits as runs, one GPU each; or retry a run that did not start")
+    p.add_argument("commits", nargs="*", help="commits to run (hashes or refs); each runs as a snapshot")
+    p.add_argument("--wave", type=int, help="the wave number: part of the run's id")
+    p.add_argument("--retry", metavar="RUN", help="run again, as a new attempt, a run that died before train.py "
+                   "started (collect names it); never one whose train.py ran")
     p.add_argument("--seed", type=int, nargs="+", default=[42],
                    help="SEED for train.py (default 42, train.py's own); several seeds submit one run each")
     p.add_argument("--control", action="store_true", help="this run is the wave's control (the current best)")
     p.add_argument("--parent", help="the commit this one was made from (default: its git parent)")
     p.add_argument("--description", help="the row's description (default: the commit's subject)")
     p.add_argument("--time-limit", type=int, default=TIME_LIMIT, help=f"seconds (default {TIME_LIMIT})")
-    p.add_argument("--threads", type=int, default=8, help="OMP_NUM_THREADS of the run (Ray's default is 1)")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the run (default: a node's CPUs / its GPUs)")
     p.add_argument("--env", action="append", default=[], help="NAME=VALUE for the run's environment (repeatable)")
     p.set_defaults(func=cmd_submit)
 
@@ -502,6 +765,11 @@ def main(argv=None):
     p = sub.add_parser("collect", help="append finished runs to results.tsv (twice adds nothing)")
     p.add_argument("--results", **results)
     p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("log", help="a run's last lines: its summary block, the harness's record, its exit code")
+    p.add_argument("run")
+    p.add_argument("-n", "--lines", type=int, default=50, help="how many (default 50)")
+    p.set_defaults(func=cmd_log)
 
     p = sub.add_parser("keep", help="keep a run: fast-forward the branch to it, mark its row keep")
     p.add_argument("run")
