@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.evaluations import SMOKE_OF
 
 SMOKE_SEQ_LEN = 128                      # MAX_SEQ_LEN of a smoke run
 SMOKE_EVAL_TOKENS = 16 * SMOKE_SEQ_LEN   # EVAL_TOKENS of a smoke run: 16 validation rows
@@ -47,7 +48,8 @@ def run_smoke(train_path, dataset, steps=SMOKE_STEPS):
           f"steps, on the GPU if there is one; data: {dataset}", flush=True)
     root = str(Path(__file__).resolve().parent.parent)   # the repo: the copy imports this prepare.py and harness
     pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "AUTORESEARCH_STEP_BUDGET": str(steps), "PYTHONPATH": pythonpath}
+    env = {**os.environ, "AUTORESEARCH_STEP_BUDGET": str(steps), "PYTHONPATH": pythonpath,
+           SMOKE_OF: str(train_path.resolve())}   # its record: a smoke run of this train.py, never a night's number
     with tempfile.TemporaryDirectory(prefix="autoresearch-smoke-") as tmp:
         script = Path(tmp) / "train.py"
         script.write_text(smoke_script(train_path.read_text()))

@@ -3,6 +3,7 @@ train.py on the CPU: model size and FLOPs, the optimizer and the harness's atten
 compiling once, lean evaluation, the fast fail, the refusal without a GPU, and the smoke run.
 """
 
+import json
 import math
 import os
 import re
@@ -543,6 +544,8 @@ def test_smoke_run_trains_the_current_train_py_through_the_harness(smoke_run, ti
     assert lines[1].startswith("device: cpu") and lines[2].startswith("attention kernel: ")
     for key in SUMMARY_KEYS:   # program.md greps `^key:`: each summary key starts exactly one line of the log
         assert sum(line.startswith(f"{key}:") for line in lines) == 1, key
+    record = json.loads((directory / "evaluations.jsonl").read_text().splitlines()[-1])   # the harness's, marked
+    assert record["smoke"] is True and record["train_py"] == str((directory / "train.py").resolve())
     assert "DEVICE_BATCH_SIZE = 4 runs out of GPU memory: using 2" in text   # the edited train.py ran
     assert any(line.startswith("step 00000 ") for line in lines)
     summary = read_summary(lines)
