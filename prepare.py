@@ -52,7 +52,7 @@ DATASET = datasets.read_source(DATA_DIR).get("dataset") or _CHOSEN   # the activ
 
 
 def list_shards(split):
-    """The active dataset's parquet shards of a split, 'train' or 'val'."""
+    """The active dataset's parquet shards of a split: 'train', 'val' or 'test'."""
     return datasets.list_shards(split, DATA_DIR, CHOSEN_BY)
 
 # ---------------------------------------------------------------------------
@@ -75,7 +75,8 @@ class Tokenizer(_Tokenizer):
 
 
 def get_token_bytes(device="cpu", tokenizer_dir=None):
-    """UTF-8 byte length of every token id (0 for special tokens), as an int32 tensor, checked against its record."""
+    """UTF-8 byte length of every token id (0 for special tokens), as an int32 tensor: checked against its record and
+    recomputed from the tokenizer."""
     import torch
     return torch.from_numpy(records.checked_token_bytes(Path(tokenizer_dir or TOKENIZER_DIR))).to(device)
 
@@ -274,7 +275,7 @@ def evaluate_bpb(model, tokenizer, batch_size):
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
         own = Tokenizer.from_directory()   # the harness's own: a tokenizer handed in could be a rigged copy
-        token_bytes = torch.from_numpy(integrity.checked_token_bytes(TOKENIZER_DIR, own.get_vocab_size())).to(device)
+        token_bytes = get_token_bytes(device)
         anchors = integrity.check_anchors(DATA_DIR.parent / "anchors.json", [
             TOKENIZER_DIR / "tokenizer.json", TOKENIZER_DIR / "token_bytes.npy", *list_shards("val")])
         if own.get_vocab_size() != tokenizer.get_vocab_size():

@@ -5,7 +5,6 @@ the logits' type, the causality probe); `uv run prepare.py --verify` (verify.py)
 in a fresh process, where train.py's code runs only inside the model.
 """
 
-import base64
 import hashlib
 import json
 import secrets
@@ -67,7 +66,7 @@ def _code_matches(mine, frozen):
     if mine.co_code != frozen.co_code or mine.co_names != frozen.co_names or len(mine.co_consts) != len(frozen.co_consts):
         return False
     return all(_code_matches(a, b) if isinstance(a, types.CodeType) else
-               isinstance(b, types.CodeType) is False and (a == b or a != a and b != b)
+               not isinstance(b, types.CodeType) and (a == b or a != a and b != b)
                for a, b in zip(mine.co_consts, frozen.co_consts))
 
 
@@ -105,27 +104,6 @@ def check_harness_code(modules):
             if isinstance(obj, types.FunctionType) and obj.__module__ != module.__name__ and name in frozen:
                 raise HarnessError(f"{module.__name__}.{name} was replaced (by {obj.__module__}.{obj.__qualname__}): "
                                    f"no val_bpb is reported; remove that code from train.py")
-
-
-def checked_token_bytes(tokenizer_dir, vocab_size):
-    """token_bytes.npy once it matches its record and holds the byte lengths of the tokenizer's own tokens, which
-    are recomputed here: a rewritten file with a rewritten record still does not pass."""
-    from harness.records import checked_token_bytes as by_record
-    token_bytes = by_record(tokenizer_dir)
-    meta = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
-    if not np.array_equal(token_bytes, token_bytes_from_tokenizer(meta, vocab_size)):
-        raise HarnessError(f"{Path(tokenizer_dir) / 'token_bytes.npy'} does not hold the byte lengths of the "
-                           f"tokenizer's tokens (rewritten?): run `uv run prepare.py` to rebuild it; no val_bpb is "
-                           f"reported")
-    return token_bytes
-
-
-def token_bytes_from_tokenizer(meta, vocab_size):
-    """The UTF-8 byte length of every token, recomputed from the saved tokenizer's ranks (0 for special tokens)."""
-    lengths = np.zeros(vocab_size, dtype=np.int32)
-    ranks = [len(base64.b64decode(s)) for s in meta["mergeable_ranks"]]
-    lengths[:len(ranks)] = ranks
-    return lengths
 
 
 def fingerprint(paths):

@@ -5,6 +5,7 @@ missing or does not match is never used: prepare.py rebuilds it; train.py refuse
 Also here: atomic writes, and the lock that keeps a prepare.py from rewriting the cache under a run.
 """
 
+import base64
 import errno
 import hashlib
 import json
@@ -100,7 +101,8 @@ def check_metric_files(tokenizer_dir, cache_dir, T, n_rows, all_files=True):
 
 
 def checked_token_bytes(tokenizer_dir):
-    """token_bytes.npy, once it matches its record and was made from the tokenizer beside it."""
+    """token_bytes.npy, once it matches its record, was made from the tokenizer beside it, and holds the byte lengths
+    of that tokenizer's tokens, recomputed here: a file rewritten together with its record still does not pass."""
     path = tokenizer_dir / "token_bytes.npy"
     if not path.exists():
         raise HarnessError(f"no token byte lengths at {path}: run `uv run prepare.py`")
@@ -108,9 +110,16 @@ def checked_token_bytes(tokenizer_dir):
     if tokenizer is None or read_record(path, {"tokenizer": tokenizer["sha256"]}) is None:
         raise HarnessError(mismatch(path))
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
+        token_bytes = np.load(path, allow_pickle=False)
+        ranks = json.loads(path.with_name("tokenizer.json").read_text())["mergeable_ranks"]
+    except (OSError, ValueError, KeyError):
         raise HarnessError(mismatch(path)) from None
+    lengths = np.zeros_like(token_bytes)   # special tokens carry no bytes
+    lengths[:len(ranks)] = [len(base64.b64decode(rank)) for rank in ranks]
+    if not np.array_equal(token_bytes, lengths):
+        raise HarnessError(f"{path} does not hold the byte lengths of the tokenizer's tokens (rewritten?): run "
+                           f"`uv run prepare.py` to rebuild it; no val_bpb is reported")
+    return token_bytes
 
 # ---------------------------------------------------------------------------
 # Writing the cache: atomically, each file followed by its record

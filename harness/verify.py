@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import evaluations, integrity, loader
-from harness.errors import HarnessError
+from harness import evaluations, integrity, loader, records
+from harness.errors import HarnessError, first_line
 from harness.formats import parse_summary
 
 # The run compiled its model (on a GPU) and this process does not: bf16 rounding differs by ~1e-4 bits per byte.
@@ -53,7 +53,7 @@ def verify(prepare, log_path):
     T, n_rows = prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN
     tokenizer = prepare.Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()
-    token_bytes = integrity.checked_token_bytes(prepare.TOKENIZER_DIR, vocab_size)
+    token_bytes = records.checked_token_bytes(prepare.TOKENIZER_DIR)
     rows, test_rows = _rows_from_shards(prepare, tokenizer, T, n_rows)
     bits_per_byte, load_attention, Probe = prepare._bits_per_byte, prepare.load_attention, integrity.Probe
 
@@ -74,9 +74,9 @@ def verify(prepare, log_path):
         integrity.check_untouched(pristine, "while train.py's definitions and model ran")
         integrity.check_harness_code([prepare, evaluations, integrity, loader])
     except HarnessError as e:
-        why = str(e.code).removeprefix("prepare.py: ")
-        refuse(why if why.startswith("--verify: ") is False else why.removeprefix("--verify: ").removesuffix(
-            "; do not keep this run"))
+        if str(e.code).startswith("prepare.py: --verify: "):   # refused already, in verify's own words
+            raise
+        refuse(str(e.code).removeprefix("prepare.py: "))
     for what, number in (("printed", float(printed)), ("recorded", record["val_bpb"])):
         if not abs(val_bpb - number) <= TOLERANCE:
             refuse(f"the saved model scores {val_bpb:.6f} here, the run {what} {number:.6f} (tolerance {TOLERANCE})")
@@ -126,9 +126,5 @@ def _rebuild(source, record, saved, load_attention):
         model.load_state_dict(saved["weights"])
     except (KeyError, TypeError, RuntimeError, AttributeError) as e:
         refuse(f"cannot rebuild the model from train.py's GPTConfig and GPT above `# Setup` and the saved weights "
-               f"({integrity_line(e)})")
+               f"({first_line(e)[:200]})")
     return model.eval()
-
-
-def integrity_line(e):
-    return " ".join(f"{type(e).__name__}: {e}".split())[:200]
